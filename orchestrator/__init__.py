@@ -1,0 +1,30 @@
+"""orchestrator: fine-tune parameter-efficient adapters with Ray Train + DeepSpeed, results in object storage.
+
+Public Python API (the CLI is a thin layer over it):
+    load_spec(path, overrides) -> JobSpec
+    plan(spec) -> Plan            pure: DeepSpeed config, resources, trainable-parameter estimate
+    run(spec, local=True, ...) -> RunResult
+"""
+
+from orchestrator.errors import JobSpecError, OrchestratorError, PreflightError, StorageError
+from orchestrator.spec import JobSpec, load_spec
+
+__version__ = "0.1.0"
+
+
+def plan(spec: JobSpec):
+    """The resolved plan, with the model's config read to estimate trainable parameters."""
+    from orchestrator.launch.preflight import load_model_config
+    from orchestrator.plan import build_plan
+
+    _, model_config = load_model_config(spec)
+    return build_plan(spec, model_config)
+
+
+def run(spec: JobSpec, **options):
+    from orchestrator.launch.run import run as _run
+
+    return _run(spec, **options)
+
+
+__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "load_spec", "plan", "run"]

@@ -1,0 +1,17 @@
+"""Adapter methods, one module each, registered by name.
+
+A method module defines a pydantic spec (with a `method: Literal[...]` discriminator) and an
+`AdapterMethod` that attaches it to a frozen model. Every module in this package is imported
+here, so a new method is one new file.
+"""
+
+import importlib
+import pkgutil
+
+from orchestrator.adapters.registry import AdapterMethod, all_methods, get_method, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "registry":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["AdapterMethod", "all_methods", "get_method", "register"]

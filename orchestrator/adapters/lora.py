@@ -1,0 +1,46 @@
+"""LoRA (Hu et al.): h = W0·x + s·B·A·dropout(x), s = alpha/r (or alpha/sqrt(r) with rsLoRA)."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.adapters.registry import AdapterMethod, register
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, description="Rank of the update B·A.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: s = alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Names (suffixes) of the linear layers to adapt, or 'all-linear'.",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).")
+
+
+def attach_lora(model, spec: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        use_rslora=spec.rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_lora_trainable(spec: LoraSpec, linear_shapes: list[tuple[int, int]]) -> int:
+    return sum(spec.r * (d_in + d_out) for d_in, d_out in linear_shapes)
+
+
+register(AdapterMethod(name="lora", spec=LoraSpec, attach=attach_lora, count_trainable=count_lora_trainable))

@@ -1,0 +1,33 @@
+"""Built-in tiny models and datasets, built locally on first use (no hub downloads) and cached."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("ORCHESTRATOR_HOME", Path.home() / ".cache" / "orchestrator"))
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a temp dir and rename it into place, so concurrent builders never see half a build."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,62 @@
+"""Tiny random-init causal LMs (Llama, Qwen2 shapes) with a byte-level tokenizer, saved like any HF model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.builtin import BUILTIN_PREFIX, build_once, cache_home
+from orchestrator.errors import PreflightError
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+
+
+def build_tokenizer():
+    """Byte-level vocabulary (256 bytes + 4 specials): any text encodes, nothing to download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Like Llama's tokenizer: every encoded text starts with <s>.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_model_config(name: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[TINY_MODELS[name]]
+    return config_class(
+        vocab_size=len(SPECIAL_TOKENS) + 256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **_SHAPE
+    )
+
+
+def _build_tiny_model(name: str, directory: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_model_config(name), dtype=torch.float32)
+    model.save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+
+
+def resolve_model_path(path: str) -> str:
+    """A real model directory or hub id for `path`; builtin:NAME is built on first use."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in TINY_MODELS:
+        raise PreflightError(f"model.path: unknown built-in model {path!r} (known: {', '.join('builtin:' + n for n in TINY_MODELS)})")
+    target = cache_home() / "models" / name
+    return str(build_once(target, lambda staging: _build_tiny_model(name, staging)))

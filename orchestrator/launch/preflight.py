@@ -1,0 +1,70 @@
+"""Checks that need the model's config or the data, run on the driver before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.builtin.datasets import resolve_data_path
+from orchestrator.builtin.models import resolve_model_path
+from orchestrator.errors import PreflightError
+from orchestrator.plan import adapted_linear_shapes
+from orchestrator.spec import JobSpec
+
+
+@dataclass
+class Resolved:
+    model_path: str
+    model_config: Any
+    data_path: str
+    eval_data_path: str | None
+
+
+def load_model_config(spec: JobSpec) -> tuple[str, Any]:
+    from transformers import AutoConfig
+
+    model_path = resolve_model_path(spec.model.path)
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as error:  # OSError, ValueError, hub errors: all mean "not a usable model"
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PreflightError(f"model.path: {spec.model.path} is not a loadable model ({first_line})") from None
+    return model_path, config
+
+
+def check_adapter_fits(spec: JobSpec, model_config: Any) -> None:
+    shapes = adapted_linear_shapes(model_config, spec.adapter.target_modules)
+    if not shapes:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise PreflightError(
+            f"adapter.target_modules: {spec.adapter.target_modules} match no linear layer of the model "
+            f"(its linear layers: {', '.join(names)})"
+        )
+    rank = getattr(spec.adapter, "r", None)
+    smallest = min(min(shape) for shape in shapes.values())
+    if rank is not None and rank > smallest:
+        raise PreflightError(f"adapter.r: {rank} is larger than the smallest adapted layer dimension ({smallest})")
+
+
+def check_data(spec: JobSpec) -> tuple[str, str | None]:
+    from orchestrator.train.data import check_fields, load_records
+
+    data_path = resolve_data_path(spec.data.path)
+    check_fields(load_records(data_path), spec.data, data_path)
+    eval_path = spec.data.eval_path
+    if eval_path:
+        eval_path = resolve_data_path(eval_path)
+        check_fields(load_records(eval_path), spec.data, eval_path)
+    return data_path, eval_path
+
+
+def preflight(spec: JobSpec) -> Resolved:
+    model_path, model_config = load_model_config(spec)
+    check_adapter_fits(spec, model_config)
+    data_path, eval_path = check_data(spec)
+    return Resolved(model_path, model_config, data_path, eval_path)

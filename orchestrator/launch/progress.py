@@ -1,0 +1,60 @@
+"""Console progress on the driver, fed by rank 0 through a Ray queue: steps, loss, tokens/s, ETA."""
+
+from __future__ import annotations
+
+import queue as queue_lib
+import threading
+from datetime import timedelta
+
+
+def format_event(event: dict) -> str | None:
+    kind = event.get("event")
+    if kind == "start":
+        return (f"model ready: {event['counts']} | data: {event['train_examples']} train / "
+                f"{event['eval_examples']} eval examples")
+    if kind == "step":
+        done_here = event["step"] - event["start_step"]
+        remaining = event["max_steps"] - event["step"]
+        eta = timedelta(seconds=round(event["elapsed"] / done_here * remaining)) if done_here else "?"
+        line = (f"step {event['step']:>6}/{event['max_steps']} | loss {event['loss']:.4f}"
+                + (f" | eval_loss {event['eval_loss']:.4f}" if "eval_loss" in event else "")
+                + f" | {event['tokens_per_s']:,.0f} tok/s | lr {event['lr']:.2e} | ETA {eta}")
+        return line
+    if kind == "checkpoint":
+        return f"checkpoint saved: {event['uri']}"
+    if kind == "done":
+        return f"final adapter: {event['adapter_uri']}"
+    return None
+
+
+class ProgressPrinter:
+    """A Ray queue the workers write to and a driver thread that prints it."""
+
+    def __init__(self, echo):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.echo = echo
+        self.events: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() or not self.queue.empty():
+            try:
+                event = self.queue.get(timeout=0.5)
+            except (queue_lib.Empty, Exception):
+                continue
+            self.events.append(event)
+            line = format_event(event)
+            if line:
+                self.echo(line)
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.queue.shutdown(force=True)

@@ -1,0 +1,161 @@
+"""`orchestrator run`: spec → preflight → run identity in storage → Ray Train (TorchTrainer) → result."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from orchestrator.errors import JobSpecError, OrchestratorError, StorageError
+from orchestrator.launch.preflight import preflight
+from orchestrator.launch.progress import ProgressPrinter
+from orchestrator.launch.runtime import ray_runtime, storage_for
+from orchestrator.plan import build_plan
+from orchestrator.spec import JobSpec, spec_to_yaml
+from orchestrator.storage.fs import open_storage
+from orchestrator.storage.layout import RunLayout, job_run_ids, new_run_id
+from orchestrator.storage.manifest import read_manifest
+
+# Changing these between two starts of one run would make its checkpoints meaningless.
+_RUN_IDENTITY = ("model", "data", "adapter", "optim", "deepspeed", "scaling.num_workers",
+                 "train.batch_size", "train.grad_accum", "train.seed")
+
+
+class TrainingFailed(OrchestratorError):
+    """Training started but a worker failed; the last complete checkpoint stays in storage."""
+
+    exit_code = 1
+
+
+@dataclass
+class RunResult:
+    run_uri: str
+    adapter_uri: str
+    summary: dict[str, Any]
+    events: list[dict] = field(default_factory=list)
+
+
+def _lookup(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    return data
+
+
+def _check_same_run(stored: dict, spec: JobSpec, run_id: str) -> None:
+    current = spec.model_dump(mode="json")
+    for key in _RUN_IDENTITY:
+        if _lookup(stored, key) != _lookup(current, key):
+            raise JobSpecError(
+                f"{key}: differs from the spec stored with run {run_id} "
+                f"({_lookup(stored, key)!r} there, {_lookup(current, key)!r} now); start a new run instead"
+            )
+
+
+def choose_run(storage, spec: JobSpec, run_id: str | None, resume: bool) -> tuple[RunLayout, bool]:
+    """The run to use and whether it already exists (then it resumes from its last checkpoint)."""
+    existing = job_run_ids(storage, spec.name)
+    if resume and run_id is None:
+        if not existing:
+            raise OrchestratorError(f"--resume: job {spec.name} has no run in {storage.uri} to resume")
+        run_id = existing[-1]
+    if run_id is None:
+        return RunLayout(storage, spec.name, new_run_id()), False
+    if "/" in run_id or ".." in run_id or not run_id:
+        raise OrchestratorError(f"--run-id: {run_id!r} must be a plain name")
+    layout = RunLayout(storage, spec.name, run_id)
+    if run_id not in existing:
+        if resume:
+            raise OrchestratorError(f"--resume: run {run_id} of job {spec.name} does not exist in {storage.uri}")
+        return layout, False
+    try:
+        stored = yaml.safe_load(storage.read_bytes(layout.spec))
+    except FileNotFoundError:
+        raise OrchestratorError(f"run {run_id} exists in {storage.uri} but has no spec.yaml; start a new run") from None
+    _check_same_run(stored, spec, run_id)
+    return layout, True
+
+
+def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume: bool = False,
+        echo: Callable[[str], None] = print) -> RunResult:
+    """Train the spec's adapter with Ray Train + DeepSpeed and leave the run in object storage."""
+    resolved = preflight(spec)
+    plan = build_plan(spec, resolved.model_config)
+    echo(f"plan: {plan.trainable_parameters:,} trainable of {plan.base_parameters + plan.trainable_parameters:,} "
+         f"parameters ({plan.trainable_percent:.3f}%), ZeRO-{spec.deepspeed.zero_stage}, "
+         f"{spec.scaling.num_workers} workers, global batch {plan.global_batch}")
+    with storage_for(spec, local, echo) as storage_uri:
+        storage = open_storage(storage_uri, spec.storage.endpoint_url)
+        storage.check_writable()
+        layout, exists = choose_run(storage, spec, run_id, resume)
+        if exists:
+            summary = _completed_summary(storage, layout)
+            if summary is not None and summary.get("steps") == spec.train.max_steps:
+                echo(f"run {layout.uri} is already complete ({spec.train.max_steps} steps)")
+                return RunResult(layout.uri, layout.uri + "/adapter", summary)
+            # Training on: the old run manifest would claim a completion that is no longer true.
+            storage.fs.rm_file(layout.manifest) if storage.exists(layout.manifest) else None
+            echo(f"resuming run {layout.uri}")
+        else:
+            echo(f"new run {layout.uri}")
+        storage.write_text(layout.spec, spec_to_yaml(spec))
+        config = {
+            "spec": spec.model_dump(mode="json"), "job": spec.name, "run_id": layout.run_id,
+            "storage_uri": storage_uri, "endpoint_url": spec.storage.endpoint_url,
+            "model_path": resolved.model_path, "data_path": resolved.data_path,
+            "eval_data_path": resolved.eval_data_path,
+        }
+        with ray_runtime(spec, local):
+            events = _fit(spec, config, storage, layout, echo)
+        summary = _completed_summary(storage, layout)
+        if summary is None:
+            raise TrainingFailed(f"run {layout.uri} ended without a final manifest")
+        echo(f"done: {summary['steps']} steps, final loss {summary['final'].get('loss', float('nan')):.4f}, "
+             f"eval_loss {summary['final'].get('eval_loss', float('nan')):.4f}; adapter at {layout.uri}/adapter")
+        return RunResult(layout.uri, layout.uri + "/adapter", summary, events)
+
+
+def _completed_summary(storage, layout: RunLayout) -> dict | None:
+    if read_manifest(storage, layout.run_dir) is None:
+        return None
+    try:
+        return json.loads(storage.read_bytes(layout.file("summary.json")))
+    except FileNotFoundError:
+        return None
+
+
+def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[dict]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.train.loop import train_loop
+
+    with ProgressPrinter(echo) as progress:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={**config, "progress": progress.queue},
+            scaling_config=ScalingConfig(
+                num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name="checkpoints",
+                storage_path=layout.checkpoints_dir.rsplit("/", 1)[0],
+                storage_filesystem=storage.pyarrow_filesystem(),
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            ),
+        )
+        try:
+            trainer.fit()
+        except Exception as error:
+            raise TrainingFailed(f"training failed: {_root_cause(error)} (run {layout.uri}; last complete checkpoint kept)") from error
+    return progress.events
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"

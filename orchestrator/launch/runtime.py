@@ -1,0 +1,65 @@
+"""The Ray runtime and the object store a run needs: reuse what is there, start what is missing."""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from orchestrator.builtin import cache_home
+from orchestrator.errors import OrchestratorError
+from orchestrator.spec import JobSpec
+from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore
+
+
+@contextmanager
+def storage_for(spec: JobSpec, local: bool, echo) -> Iterator[str]:
+    """Yield the storage URI: the spec's, or an embedded S3 server's in local mode."""
+    if spec.storage.uri is not None:
+        yield spec.storage.uri
+        return
+    if not local:
+        raise OrchestratorError("storage.uri: required outside local mode (an s3:// bucket the cluster can reach)")
+    import ray
+
+    if ray.is_initialized():
+        raise OrchestratorError("storage.uri: Ray is already running, so the embedded store's credentials cannot reach its workers; set storage.uri")
+    store = EmbeddedObjectStore(cache_home() / "store")
+    store.start()
+    echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
+    saved = {key: os.environ.get(key) for key in store.env()}
+    os.environ.update(store.env())  # inherited by the Ray workers started below
+    try:
+        yield f"s3://{DEFAULT_BUCKET}"
+    finally:
+        store.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def ray_runtime(spec: JobSpec, local: bool) -> Iterator[None]:
+    """Use a running Ray; else start one in-process (local) or connect to RAY_ADDRESS."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if local:
+        cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, cpus_needed),
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()

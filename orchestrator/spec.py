@@ -1,0 +1,214 @@
+"""The job spec: typed pydantic models, YAML loading, `--set a.b=c` overrides, one-line errors."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.adapters import all_methods
+from orchestrator.errors import JobSpecError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    path: str = Field(description="HF model directory or hub id, or builtin:tiny-llama / builtin:tiny-qwen2.")
+    trust_remote_code: bool = False
+
+
+class DataSpec(_Section):
+    path: str = Field(description="jsonl | json | parquet | csv file, a saved dataset directory, s3://…, or builtin:arithmetic.")
+    text_field: Optional[str] = Field(None, description="Train on the whole text of this field (causal LM).")
+    prompt_field: Optional[str] = Field(None, description="Prompt field; the loss skips its tokens.")
+    completion_field: Optional[str] = Field(None, description="Completion field; the loss covers only these tokens.")
+    max_length: int = Field(512, ge=1, description="Tokens per example; longer ones are truncated.")
+    eval_path: Optional[str] = Field(None, description="Separate evaluation data; else eval_fraction of path.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_format(self) -> "DataSpec":
+        if self.text_field is not None:
+            if self.prompt_field is not None or self.completion_field is not None:
+                raise ValueError("give either text_field or prompt_field + completion_field, not both")
+        else:
+            self.prompt_field = self.prompt_field or "prompt"
+            self.completion_field = self.completion_field or "completion"
+        return self
+
+
+def _adapter_union() -> Any:
+    specs = tuple(method.spec for method in all_methods())
+    if len(specs) == 1:
+        return specs[0]
+    return Annotated[Union[specs], Field(discriminator="method")]
+
+
+AdapterSpec = _adapter_union()
+
+
+class OptimSpec(_Section):
+    lr: float = Field(2.0e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
+
+
+class TrainSpec(_Section):
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Micro-batch per worker; global batch = batch_size × grad_accum × num_workers.")
+    grad_accum: int = Field(1, ge=1)
+    eval_every: int = Field(20, ge=0, description="Steps between evaluations; 0 = only at the end.")
+    eval_batches: int = Field(8, ge=1, description="Evaluation batches per worker.")
+    checkpoint_every: int = Field(50, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    keep_checkpoints: int = Field(3, ge=1, description="Most recent checkpoints kept in storage.")
+    log_every: int = Field(5, ge=1)
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts (from the last checkpoint) before the run fails.")
+    seed: int = 0
+
+
+class DeepSpeedSpec(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged over the generated one.")
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class StorageSpec(_Section):
+    uri: Optional[str] = Field(None, description="s3://bucket/prefix or file:///dir; none in local mode = embedded S3 server.")
+    endpoint_url: Optional[str] = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL or AWS's default).")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: Optional[str]) -> Optional[str]:
+        if uri is None:
+            return uri
+        match = re.match(r"^([a-z0-9+]+)://(.*)$", uri)
+        if not match or match.group(1) not in ("s3", "file"):
+            raise ValueError(f"must start with s3:// or file:// (got {uri!r})")
+        if match.group(1) == "s3":
+            bucket = match.group(2).split("/", 1)[0]
+            if "@" in bucket or ":" in bucket:
+                raise ValueError("must not hold credentials; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"bucket name {bucket!r} is not a valid S3 bucket name")
+        return uri.rstrip("/")
+
+
+class JobSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name; runs are stored under runs/<name>/.")
+    model: ModelSpec
+    data: DataSpec
+    adapter: AdapterSpec = Field(default_factory=lambda: all_methods()[0].spec())  # type: ignore[valid-type]
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _no_dots_only(cls, name: str) -> str:
+        if ".." in name:
+            raise ValueError("must not contain '..'")
+        return name
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML job spec, apply `a.b=c` overrides, and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise JobSpecError(f"{path}: cannot read job spec ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise JobSpecError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise JobSpecError(f"{path}: a job spec must be a YAML mapping (got {type(raw).__name__})")
+    for override in overrides:
+        apply_override(raw, override, source=str(path))
+    return validate_spec(raw, source=str(path))
+
+
+def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise JobSpecError(f"{source}: {describe_validation_error(error, raw)}") from None
+
+
+def apply_override(raw: dict[str, Any], override: str, source: str = "<spec>") -> None:
+    """Set `a.b.c=value` in a raw spec dict; the value is parsed as YAML (`8`, `true`, `[q_proj]`)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise JobSpecError(f"{source}: override {override!r} must look like section.field=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise JobSpecError(f"{source}: override {override!r}: {part} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise JobSpecError(f"{source}: override {override!r}: value is not valid YAML") from None
+
+
+def describe_validation_error(error: ValidationError, raw: dict[str, Any]) -> str:
+    """One line per problem, joined: `adapter.r: Input should be ≥ 1 (got 0)`."""
+    return "; ".join(_describe_one(detail, raw) for detail in error.errors())
+
+
+def _describe_one(detail: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [part for part in detail["loc"] if not (isinstance(part, str) and part in _METHOD_TAGS)]
+    field = ".".join(str(part) for part in loc) or "(top level)"
+    message = detail["msg"].removeprefix("Value error, ")
+    if detail["type"] == "extra_forbidden":
+        known = _known_fields(loc[:-1], raw)
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else (f"; known fields: {', '.join(known)}" if known else "")
+        return f"{field}: unknown field{hint}"
+    if detail["type"] == "missing":
+        return f"{field}: required field is missing"
+    if "input" in detail and detail["type"] not in ("model_type", "dict_type") and not isinstance(detail["input"], dict):
+        return f"{field}: {message} (got {detail['input']!r})"
+    return f"{field}: {message}"
+
+
+_METHOD_TAGS = {method.name for method in all_methods()}
+
+
+def _known_fields(loc: list[Any], raw: dict[str, Any]) -> list[str]:
+    model: Any = JobSpec
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if part == "adapter":
+            method = (raw.get("adapter") or {}).get("method", all_methods()[0].name)
+            model = next((m.spec for m in all_methods() if m.name == method), all_methods()[0].spec)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

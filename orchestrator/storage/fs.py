@@ -1,0 +1,132 @@
+"""Storage URIs (s3://bucket/prefix, file:///dir) to fsspec filesystems, with one-line errors.
+
+Credentials and endpoint come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL) or the standard AWS chain, never from the spec; nothing here prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from orchestrator.errors import StorageError
+
+
+def _endpoint(explicit: str | None) -> str | None:
+    return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@dataclass
+class Storage:
+    """A filesystem plus the root path of this project's data inside it."""
+
+    uri: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def pyarrow_filesystem(self):
+        """The same filesystem as pyarrow sees it (what Ray Train's RunConfig takes)."""
+        import pyarrow.fs
+
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
+
+    def write_text(self, path: str, text: str) -> None:
+        self.write_bytes(path, text.encode())
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole object; on a local filesystem through a temp file so readers never see half of it."""
+        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            self.fs.pipe_file(temp, data)
+            os.replace(temp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
+
+    def list_dirs(self, path: str) -> list[str]:
+        """Names of the immediate subdirectories of `path` (empty when it does not exist)."""
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+    def list_files(self, path: str) -> list[str]:
+        """Paths relative to `path` of every file below it."""
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            return []
+        prefix = path.rstrip("/") + "/"
+        return sorted(name[len(prefix):] for name in found if name.startswith(prefix))
+
+    def upload_dir(self, local_dir: str | Path, remote_dir: str) -> None:
+        for file in sorted(Path(local_dir).rglob("*")):
+            if file.is_file():
+                relative = file.relative_to(local_dir).as_posix()
+                self.write_bytes(posixpath.join(remote_dir, relative), file.read_bytes())
+
+    def download_dir(self, remote_dir: str, local_dir: str | Path) -> None:
+        for relative in self.list_files(remote_dir):
+            target = Path(local_dir) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read_bytes(posixpath.join(remote_dir, relative)))
+
+    def check_writable(self) -> None:
+        """Write and delete a marker so bad buckets or credentials fail before any work starts."""
+        marker = self.path(f".orchestrator-write-check-{uuid.uuid4().hex[:8]}")
+        try:
+            self.fs.pipe_file(marker, b"ok")
+            self.fs.rm_file(marker)
+        except Exception as error:  # s3fs raises many types; all mean the same to the user
+            raise StorageError(f"storage {self.uri}: {describe_storage_error(error)}") from None
+
+
+def describe_storage_error(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, PermissionError):
+        return f"access denied — check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({text})"
+    if isinstance(error, FileNotFoundError):
+        return f"bucket or path does not exist ({text})"
+    if "Could not connect" in text or "Connect" in type(error).__name__ or isinstance(error, OSError):
+        return f"cannot reach the object store ({text})"
+    return text
+
+
+def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
+    scheme, _, rest = uri.partition("://")
+    if scheme == "s3":
+        import s3fs
+
+        if not rest.split("/", 1)[0]:
+            raise StorageError(f"storage {uri}: no bucket named")
+        fs = s3fs.S3FileSystem(
+            endpoint_url=_endpoint(endpoint_url),
+            skip_instance_cache=True,
+            use_listings_cache=False,
+            retries=5,
+            # Connection failures should surface in seconds, not after botocore's long default.
+            config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
+        )
+        return Storage(uri=uri, fs=fs, root=rest.rstrip("/"))
+    if scheme == "file":
+        root = str(Path(rest).expanduser().resolve())
+        return Storage(uri=uri, fs=fsspec.filesystem("file", auto_mkdir=True), root=root)
+    raise StorageError(f"storage {uri}: unknown scheme {scheme!r} (use s3:// or file://)")

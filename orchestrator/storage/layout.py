@@ -1,0 +1,75 @@
+"""Where a run's files live: runs/<job>/<run-id>/{spec.yaml, metrics.jsonl, checkpoints/, adapter/, manifest.json}."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from orchestrator.storage.fs import Storage
+
+CHECKPOINT_PREFIX = "step-"
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(dir_name: str) -> int | None:
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", dir_name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    storage: Storage
+    job: str
+    run_id: str
+
+    @property
+    def run_dir(self) -> str:
+        return self.storage.path("runs", self.job, self.run_id)
+
+    def file(self, name: str) -> str:
+        return f"{self.run_dir}/{name}"
+
+    @property
+    def spec(self) -> str:
+        return self.file("spec.yaml")
+
+    @property
+    def metrics(self) -> str:
+        return self.file("metrics.jsonl")
+
+    @property
+    def manifest(self) -> str:
+        return self.file("manifest.json")
+
+    @property
+    def adapter_dir(self) -> str:
+        return self.file("adapter")
+
+    @property
+    def checkpoints_dir(self) -> str:
+        return self.file("checkpoints")
+
+    def checkpoint(self, step: int) -> str:
+        return f"{self.checkpoints_dir}/{checkpoint_dir_name(step)}"
+
+    def checkpoint_steps(self) -> list[int]:
+        steps = (checkpoint_step(name) for name in self.storage.list_dirs(self.checkpoints_dir))
+        return sorted(step for step in steps if step is not None)
+
+    @property
+    def uri(self) -> str:
+        return f"{self.storage.uri}/runs/{self.job}/{self.run_id}"
+
+
+def job_run_ids(storage: Storage, job: str) -> list[str]:
+    """Run ids of a job, oldest first (ids start with a timestamp)."""
+    return storage.list_dirs(storage.path("runs", job))

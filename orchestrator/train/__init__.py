@@ -1,0 +1,1 @@
+"""The worker side: model + adapter, data, checkpoints, and the one training loop."""

@@ -1,0 +1,73 @@
+"""Adapter checkpoints: PEFT-format adapter (gathered under ZeRO-3) + DeepSpeed engine state + RNG.
+
+Layout of checkpoints/step-N/ in storage:
+  adapter/adapter_config.json, adapter/adapter_model.safetensors   (rank 0, loadable by PEFT alone)
+  deepspeed/state/...                                              (every rank's optimizer shard)
+  rng/rank-R.pt, trainer_state.json
+  manifest.json                                                    (written last, by rank 0)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEEPSPEED_TAG = "state"
+
+
+def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_adapter(model, directory: Path, zero3: bool, is_writer: bool) -> None:
+    """Write the adapter in PEFT format. Collective under ZeRO-3: every rank must call it."""
+    from peft import get_peft_model_state_dict
+
+    if zero3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(adapter_parameters(model), modifier_rank=None)
+    else:
+        gather = nullcontext()
+    with gather:
+        if not is_writer:
+            return
+        state = {name: tensor.detach().cpu().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+    empty = [name for name, tensor in state.items() if tensor.numel() == 0]
+    if not state or empty:
+        # PEFT + ZeRO-3 is known to save empty adapters when parameters are not gathered.
+        raise RuntimeError(f"refusing to save an empty adapter (empty tensors: {empty[:3]})")
+    model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+
+
+def save_training_state(engine, directory: Path, rank: int, trainer_state: dict) -> None:
+    """Engine (optimizer shards, LR scheduler) and RNG state for an exact resume. Collective."""
+    engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    rng_dir = directory / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        rng_dir / f"rank-{rank}.pt",
+    )
+    if rank == 0:
+        (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+
+
+def load_training_state(engine, directory: Path, rank: int) -> dict:
+    """Restore what save_training_state wrote; returns the trainer state (step, tokens, …)."""
+    engine.load_checkpoint(
+        str(directory / "deepspeed"), tag=DEEPSPEED_TAG, load_module_strict=False,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    rng_file = directory / "rng" / f"rank-{rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    return json.loads((directory / "trainer_state.json").read_text())

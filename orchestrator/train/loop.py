@@ -1,0 +1,173 @@
+"""The one training loop, run by every Ray Train worker: build → resume → train → checkpoint → finish."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.plan import deepspeed_config
+from orchestrator.spec import JobSpec
+from orchestrator.train import data as data_lib
+from orchestrator.train import storage_io
+from orchestrator.train.checkpoint import load_training_state, save_adapter, save_training_state
+from orchestrator.train.model import build_adapted_model, frozen_weights_checksum, load_tokenizer
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config` holds the validated spec, resolved paths and run identity."""
+    from orchestrator.builtin import cache_home
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
+    import deepspeed
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    spec = JobSpec.model_validate(config["spec"])
+    run = storage_io.RunStorage.open(config, rank)
+    progress = config.get("progress")
+
+    torch.manual_seed(spec.train.seed)
+    tokenizer = load_tokenizer(config["model_path"], spec.model.trust_remote_code)
+    model, counts = build_adapted_model(spec, config["model_path"], torch.bfloat16 if spec.scaling.use_gpu else torch.float32)
+    base_checksum = frozen_weights_checksum(model)
+    train_set, eval_set = prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=spec.optim.lr, betas=spec.optim.betas, weight_decay=spec.optim.weight_decay,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, spec), config=deepspeed_config(spec)
+    )
+    zero3 = spec.deepspeed.zero_stage == 3
+    if rank == 0:
+        _emit(progress, event="start", counts=str(counts), trainable=counts.trainable, total=counts.total,
+              train_examples=len(train_set), eval_examples=len(eval_set))
+
+    start_step, history = run.resume(engine, rank, world)
+    trainer_state = {"step": start_step, "tokens": history[-1]["tokens"] if history else 0}
+    schedule = data_lib.BatchSchedule(len(train_set), spec.train.batch_size, spec.train.grad_accum, world, rank, spec.train.seed)
+    evaluation = data_lib.eval_batches(eval_set, spec.train.batch_size, spec.train.eval_batches, world, rank)
+    pad_id = tokenizer.pad_token_id
+    window = {"loss_sum": 0.0, "micro_steps": 0, "tokens": 0, "started": time.perf_counter()}
+    run_started = time.perf_counter()
+    last_checkpoint_dir = None
+
+    engine.train()
+    for step in range(start_step, spec.train.max_steps):
+        for micro_step in range(spec.train.grad_accum):
+            batch = data_lib.collate([train_set[i] for i in schedule.indices(step, micro_step)], pad_id)
+            batch = {key: value.to(engine.device) for key, value in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window["loss_sum"] += loss.item()
+            window["micro_steps"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum())
+        done = step + 1
+        is_last = done == spec.train.max_steps
+        eval_due = is_last or (spec.train.eval_every and done % spec.train.eval_every == 0)
+        checkpoint_due = is_last or (spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0)
+        log_due = eval_due or checkpoint_due or done % spec.train.log_every == 0
+        if not log_due:
+            continue
+        metrics = _window_metrics(window, engine.device)
+        trainer_state["step"], trainer_state["tokens"] = done, trainer_state["tokens"] + metrics.pop("tokens")
+        metrics.update(step=done, tokens=trainer_state["tokens"], lr=engine.get_lr()[0], epoch=schedule.epoch(done))
+        if eval_due:
+            metrics["eval_loss"] = evaluate(engine, evaluation, pad_id)
+        history.append(metrics)
+        if rank == 0:
+            _emit(progress, event="step", max_steps=spec.train.max_steps, elapsed=time.perf_counter() - run_started,
+                  start_step=start_step, **metrics)
+        if checkpoint_due:
+            if last_checkpoint_dir is not None:
+                shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
+            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3)
+            if rank == 0:
+                _emit(progress, event="checkpoint", step=done, uri=run.layout.uri + f"/checkpoints/step-{done:08d}")
+        else:
+            ray.train.report(metrics)
+
+    base_checksum_after = frozen_weights_checksum(engine.module, zero3=zero3)
+    if rank == 0:
+        summary = {
+            "status": "complete", "steps": spec.train.max_steps, "resumed_from_step": start_step,
+            "trainable_parameters": counts.trainable, "total_parameters": counts.total,
+            "trainable_percent": counts.percent, "base_checksum_before": base_checksum,
+            "base_checksum_after": base_checksum_after, "base_unchanged": base_checksum == base_checksum_after,
+            "final": history[-1] if history else {}, "wall_seconds": time.perf_counter() - run_started,
+        }
+        run.finish(last_checkpoint_dir, summary)
+        _emit(progress, event="done", adapter_uri=run.layout.uri + "/adapter", summary=summary)
+    if last_checkpoint_dir is not None:
+        shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
+
+
+def prepare_data(spec: JobSpec, data_path: str, eval_data_path: str | None, tokenizer):
+    records = data_lib.load_records(data_path)
+    data_lib.check_fields(records, spec.data, data_path)
+    examples = data_lib.tokenize_records(records, tokenizer, spec.data)
+    if eval_data_path:
+        eval_records = data_lib.load_records(eval_data_path)
+        data_lib.check_fields(eval_records, spec.data, eval_data_path)
+        return examples, data_lib.tokenize_records(eval_records, tokenizer, spec.data)
+    return data_lib.split_train_eval(examples, spec.data.eval_fraction, spec.train.seed)
+
+
+def make_scheduler(optimizer, spec: JobSpec):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        spec.optim.scheduler, optimizer=optimizer,
+        num_warmup_steps=spec.optim.warmup_steps, num_training_steps=spec.train.max_steps,
+    )
+
+
+def evaluate(engine, batches, pad_id: int) -> float:
+    """Token-weighted mean loss over every rank's evaluation batches."""
+    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    engine.eval()
+    with torch.no_grad():
+        for examples in batches:
+            batch = {k: v.to(engine.device) for k, v in data_lib.collate(examples, pad_id).items()}
+            label_tokens = int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
+            totals[0] += engine(**batch).loss.double() * label_tokens
+            totals[1] += label_tokens
+    engine.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def checkpoint(engine, run, step: int, metrics: dict, trainer_state: dict, history: list, rank: int, zero3: bool) -> Path:
+    """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective."""
+    import ray.train
+
+    local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{step}-rank{rank}-"))
+    save_adapter(engine.module, local / "adapter", zero3=zero3, is_writer=rank == 0)
+    save_training_state(engine, local, rank, dict(trainer_state))
+    run.report_checkpoint(local, step, metrics, history, rank)
+    return local
+
+
+def _window_metrics(window: dict, device) -> dict:
+    """Mean train loss and tokens/s since the last log, summed over all workers."""
+    totals = torch.tensor([window["loss_sum"], window["micro_steps"], window["tokens"]], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    elapsed = max(time.perf_counter() - window["started"], 1e-9)
+    metrics = {"loss": float(totals[0] / totals[1]), "tokens_per_s": float(totals[2] / elapsed), "tokens": int(totals[2])}
+    window.update(loss_sum=0.0, micro_steps=0, tokens=0, started=time.perf_counter())
+    return metrics
+
+
+def _emit(progress, **event) -> None:
+    if progress is not None:
+        progress.put_nowait(event)

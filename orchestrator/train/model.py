@@ -1,0 +1,82 @@
+"""Load the base model, freeze it, attach the adapter, and prove that only adapter weights train."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.adapters import get_method
+from orchestrator.spec import JobSpec
+
+
+@dataclass
+class ParameterCounts:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} / total {self.total:,} ({self.percent:.3f}%)"
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_adapted_model(spec: JobSpec, model_path: str, dtype: torch.dtype):
+    """The PEFT model to train, and its parameter counts; raises if any base weight is trainable."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=spec.model.trust_remote_code
+    )
+    model.requires_grad_(False)
+    base_parameter_ids = {id(p) for p in model.parameters()}
+    model = get_method(spec.adapter.method).attach(model, spec.adapter)
+    # A method (or a PEFT default such as modules_to_save) that unfreezes base weights would
+    # silently turn adapter training into full fine-tuning; refuse instead.
+    leaked = [name for name, p in model.named_parameters() if p.requires_grad and id(p) in base_parameter_ids]
+    if leaked:
+        raise RuntimeError(f"base parameters are trainable after attaching the adapter: {leaked[:5]}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise RuntimeError("the adapter added no trainable parameters")
+    total = sum(p.numel() for p in model.parameters())
+    return model, ParameterCounts(trainable=trainable, total=total)
+
+
+def canonical_base_name(peft_name: str) -> str:
+    """`base_model.model.x.q_proj.base_layer.weight` → `x.q_proj.weight`, the name in the base checkpoint."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def frozen_weights_checksum(model: torch.nn.Module, zero3: bool = False) -> str:
+    """sha256 over every frozen parameter (name and bytes), gathered one at a time under ZeRO-3."""
+    digest = hashlib.sha256()
+    frozen = sorted(
+        ((canonical_base_name(name), p) for name, p in model.named_parameters() if not p.requires_grad),
+        key=lambda item: item[0],
+    )
+    for name, parameter in frozen:
+        if zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([parameter])
+        else:
+            gather = nullcontext()
+        with gather:
+            data = parameter.detach().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
