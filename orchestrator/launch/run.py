@@ -126,7 +126,7 @@ def _completed_summary(storage, layout: RunLayout) -> dict | None:
 
 
 def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[dict]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.train.loop import train_loop
@@ -145,6 +145,7 @@ def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[
                 storage_filesystem=storage.pyarrow_filesystem(),
                 checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=spec.train.max_failures),
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         try:

@@ -53,7 +53,8 @@ def ray_runtime(spec: JobSpec, local: bool) -> Iterator[None]:
         cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
         ray.init(
             num_cpus=max(os.cpu_count() or 1, cpus_needed),
-            include_dashboard=False,
+            # The dashboard serves the state API that Train V2's PlacementGroupCleaner polls.
+            include_dashboard=True,
             logging_level="WARNING",
             log_to_driver=True,
         )

@@ -121,7 +121,6 @@ def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
             endpoint_url=_endpoint(endpoint_url),
             skip_instance_cache=True,
             use_listings_cache=False,
-            retries=5,
             # Connection failures should surface in seconds, not after botocore's long default.
             config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
         )

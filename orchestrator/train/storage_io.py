@@ -97,9 +97,14 @@ class RunStorage:
             self.write_metrics(history)
         dist.barrier()
 
-    def finish(self, last_checkpoint: Path | None, summary: dict) -> None:
-        """Publish the final adapter and summary, then the run manifest, last. Rank 0 only."""
+    def finish(self, last_checkpoint: Path | None, summary: dict, probe: dict[str, torch.Tensor]) -> None:
+        """Publish the final adapter, summary and logits probe, then the run manifest, last. Rank 0 only."""
+        from safetensors.torch import save
+
         files: dict[str, str] = {}
+        probe_bytes = save(probe)
+        self.storage.write_bytes(self.layout.file("probe_logits.safetensors"), probe_bytes)
+        files["probe_logits.safetensors"] = sha256_bytes(probe_bytes)
         if last_checkpoint is not None:
             self.storage.upload_dir(last_checkpoint / "adapter", self.layout.adapter_dir)
             files.update({f"adapter/{n}": d for n, d in hash_local_dir(last_checkpoint / "adapter").items()})

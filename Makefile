@@ -1,0 +1,17 @@
+# make demo: set up and run the local fine-tuning demo.  make test: set up and run the test suite.
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/orchestrator run --local jobs/local-smoke.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

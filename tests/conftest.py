@@ -1,0 +1,55 @@
+"""Shared, session-scoped services: one SeaweedFS S3 server (auth on) and one Ray runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.builtin import cache_home
+from orchestrator.storage.objectstore import EmbeddedObjectStore
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_BUCKET = "orchestrator-test"
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real S3 server; its credentials are exported the standard AWS way, as a user would."""
+    store = EmbeddedObjectStore(tmp_path_factory.mktemp("seaweedfs"), buckets=(TEST_BUCKET,))
+    store.start()
+    saved = {key: os.environ.get(key) for key in store.env()}
+    os.environ.update(store.env())
+    yield store
+    store.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_session(object_store):
+    """One Ray runtime for every integration test, started after the S3 credentials are exported
+    so that its worker processes inherit them."""
+    import ray
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path() -> str:
+    from orchestrator.builtin.models import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-llama")
+
+
+@pytest.fixture
+def s3_storage_uri(object_store, request) -> str:
+    """A fresh prefix in the test bucket for each test."""
+    return f"s3://{TEST_BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"

@@ -1,0 +1,97 @@
+"""Job specs: every shipped job validates; invalid specs give one line naming the field and file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import JobSpecError
+from orchestrator.spec import load_spec, spec_to_yaml, validate_spec
+
+REPO = Path(__file__).resolve().parent.parent
+MINIMAL = {"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}
+
+
+@pytest.mark.parametrize("job_file", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_validates(job_file):
+    spec = load_spec(job_file)
+    assert spec.name
+
+
+def test_issue_field_names_are_the_public_interface():
+    spec = load_spec(REPO / "jobs" / "local-smoke.yaml")
+    assert spec.adapter.method == "lora"
+    assert {"r", "alpha", "dropout", "target_modules"} <= set(spec.adapter.model_fields_set)
+    assert spec.data.prompt_field == "prompt" and spec.data.completion_field == "completion"
+    assert spec.deepspeed.zero_stage == 2 and spec.scaling.num_workers == 2 and spec.storage.uri is None
+
+
+def test_overrides_set_nested_fields_with_yaml_types():
+    spec = load_spec(REPO / "jobs" / "local-smoke.yaml", ["train.max_steps=50", "adapter.target_modules=[q_proj]", "adapter.rslora=true"])
+    assert spec.train.max_steps == 50
+    assert spec.adapter.target_modules == ["q_proj"]
+    assert spec.adapter.rslora is True
+
+
+def _with(section: str, **fields) -> dict:
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in MINIMAL.items()}
+    raw.setdefault(section, {}).update(fields)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (_with("adapter", r=0), "adapter.r: Input should be greater than or equal to 1 (got 0)"),
+        (_with("adapter", alpha=0), "adapter.alpha: Input should be greater than 0"),
+        (_with("adapter", dropout=1.0), "adapter.dropout: Input should be less than 1"),
+        (_with("adapter", method="dora"), "adapter"),
+        (_with("train", batch_sise=8), "train.batch_sise: unknown field; did you mean 'batch_size'?"),
+        (_with("train", max_steps="many"), "train.max_steps: Input should be a valid integer"),
+        (_with("train", batch_size=0), "train.batch_size: Input should be greater than or equal to 1"),
+        (_with("data", max_length=0), "data.max_length: Input should be greater than or equal to 1"),
+        (_with("scaling", num_workers=0), "scaling.num_workers: Input should be greater than or equal to 1"),
+        (_with("deepspeed", zero_stage=4), "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        (_with("storage", uri="gs://bucket/x"), "storage.uri: Value error, must start with s3:// or file://"),
+        (_with("storage", uri="s3://AKIA:secret@bucket/x"), "must not hold credentials"),
+        (_with("storage", uri="s3://Bad_Bucket/x"), "is not a valid S3 bucket name"),
+        (_with("data", text_field="text", prompt_field="p"), "data: Value error, give either text_field"),
+        ({**MINIMAL, "name": "../escape"}, "name: String should match pattern"),
+        ({**MINIMAL, "name": "a..b"}, "name: Value error, must not contain '..'"),
+        ({"name": "t", "data": {"path": "x.jsonl"}}, "model: required field is missing"),
+        ({**MINIMAL, "modle": {}}, "modle: unknown field; did you mean 'model'?"),
+    ],
+)
+def test_invalid_specs_name_the_field(raw, expected):
+    with pytest.raises(JobSpecError) as error:
+        validate_spec(raw, source="job.yaml")
+    message = str(error.value)
+    assert message.startswith("job.yaml: ")
+    assert expected.replace("Value error, ", "") in message
+    assert "\n" not in message
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {path: [unclosed\n")
+    with pytest.raises(JobSpecError, match=r"bad.yaml: malformed YAML at line \d+"):
+        load_spec(bad)
+
+
+def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {path: m}\ndata: {path: d.jsonl}\nadapter: {method: lora, r: -1}\n")
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {bad}: adapter.r: Input should be greater than or equal to 1 (got -1)"
+
+
+def test_stored_spec_round_trips():
+    spec = load_spec(REPO / "jobs" / "local-smoke.yaml")
+    import yaml
+
+    assert validate_spec(yaml.safe_load(spec_to_yaml(spec))) == spec
