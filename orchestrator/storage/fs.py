@@ -93,6 +93,10 @@ class Storage:
         """Write and delete a marker so bad buckets or credentials fail before any work starts."""
         marker = self.path(f".orchestrator-write-check-{uuid.uuid4().hex[:8]}")
         try:
+            bucket = self.root.split("/", 1)[0]
+            # Some S3 servers create a bucket on first write; a typo must not silently do that.
+            if "s3" in self.fs.protocol:
+                self.fs.call_s3("head_bucket", Bucket=bucket)
             self.fs.pipe_file(marker, b"ok")
             self.fs.rm_file(marker)
         except Exception as error:  # s3fs raises many types; all mean the same to the user
@@ -103,7 +107,7 @@ def describe_storage_error(error: Exception) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, PermissionError):
         return f"access denied — check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({text})"
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, FileNotFoundError) or "404" in text or "Not Found" in text:
         return f"bucket or path does not exist ({text})"
     if "Could not connect" in text or "Connect" in type(error).__name__ or isinstance(error, OSError):
         return f"cannot reach the object store ({text})"

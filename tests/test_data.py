@@ -1,0 +1,84 @@
+"""Data: every supported format loads, the loss covers only completions, batches are a pure function of the step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.errors import PreflightError
+from orchestrator.spec import DataSpec
+from orchestrator.train.data import IGNORE_INDEX, BatchSchedule, check_fields, collate, load_records, tokenize_records
+
+ROWS = [{"prompt": f"{i}+1=", "completion": str(i + 1), "text": f"count {i}"} for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from orchestrator.builtin.models import build_tokenizer
+
+    return build_tokenizer()
+
+
+def _write(kind: str, directory):
+    import datasets
+
+    table = datasets.Dataset.from_list(ROWS)
+    if kind == "jsonl":
+        path = directory / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif kind == "parquet":
+        path = directory / "d.parquet"
+        table.to_parquet(str(path))
+    elif kind == "csv":
+        path = directory / "d.csv"
+        table.to_csv(str(path), index=False)
+    else:
+        path = directory / "saved"
+        table.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv", "saved"])
+def test_every_format_loads(kind, tmp_path):
+    records = load_records(_write(kind, tmp_path))
+    assert len(records) == 20
+    assert str(records[3]["completion"]) == "4"
+
+
+def test_missing_field_and_file_are_named(tmp_path):
+    path = _write("jsonl", tmp_path)
+    with pytest.raises(PreflightError, match="data.prompt_field: 'question' is not a column"):
+        check_fields(load_records(path), DataSpec(path=path, prompt_field="question"), path)
+    with pytest.raises(PreflightError, match="does not exist"):
+        load_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_loss_covers_only_the_completion(tokenizer):
+    examples = tokenize_records([{"prompt": "12+7=", "completion": "19"}], tokenizer, DataSpec(path="x", max_length=64))
+    (example,) = examples
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "19</s>"
+    assert example.input_ids[0] == tokenizer.bos_token_id
+
+
+def test_text_field_trains_on_everything(tokenizer):
+    (example,) = tokenize_records([{"text": "hello"}], tokenizer, DataSpec(path="x", text_field="text"))
+    assert example.labels == example.input_ids
+
+
+def test_padding_is_ignored_by_the_loss(tokenizer):
+    examples = tokenize_records(ROWS[:2] + [{"prompt": "100+100=", "completion": "200"}], tokenizer, DataSpec(path="x"))
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert ((batch["attention_mask"] == 0) <= (batch["labels"] == IGNORE_INDEX)).all()
+
+
+def test_batches_are_disjoint_across_ranks_and_reproducible():
+    ranks = [BatchSchedule(100, 4, 2, 2, rank, seed=3) for rank in range(2)]
+    seen = [i for step in range(3) for micro in range(2) for schedule in ranks for i in schedule.indices(step, micro)]
+    assert len(seen) == len(set(seen)) == 48
+    fresh = BatchSchedule(100, 4, 2, 2, 1, seed=3)
+    assert fresh.indices(2, 1) == ranks[1].indices(2, 1), "a resumed worker sees the same batch"
+    wrapped = BatchSchedule(10, 4, 1, 1, 0, seed=0)
+    first_epoch = [i for step in range(2) for i in wrapped.indices(step, 0)] + wrapped.indices(2, 0)[:2]
+    assert sorted(first_epoch) == list(range(10))
