@@ -25,7 +25,7 @@ def storage_for(spec: JobSpec, local: bool, echo) -> Iterator[str]:
 
     if ray.is_initialized():
         raise OrchestratorError("storage.uri: Ray is already running, so the embedded store's credentials cannot reach its workers; set storage.uri")
-    store = EmbeddedObjectStore(cache_home() / "store")
+    store = EmbeddedObjectStore(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
     store.start()
     echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
     saved = {key: os.environ.get(key) for key in store.env()}
