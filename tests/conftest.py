@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.builtin import cache_home
-from orchestrator.storage.objectstore import EmbeddedObjectStore
+from orchestrator.storage.objectstore import EmbeddedObjectStore, exported_env
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_BUCKET = "orchestrator-test"
@@ -18,16 +18,8 @@ TEST_BUCKET = "orchestrator-test"
 def object_store(tmp_path_factory):
     """A real S3 server; its credentials are exported the standard AWS way, as a user would."""
     store = EmbeddedObjectStore(tmp_path_factory.mktemp("seaweedfs"), buckets=(TEST_BUCKET,))
-    store.start()
-    saved = {key: os.environ.get(key) for key in store.env()}
-    os.environ.update(store.env())
-    yield store
-    store.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with store, exported_env(store.env()):
+        yield store
 
 
 @pytest.fixture(scope="session")

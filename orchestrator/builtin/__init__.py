@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.errors import PreflightError
+
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -31,3 +33,14 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def resolve_builtin(path: str, field: str, known: dict, build: Callable[[str, Path], None], kind: str) -> Path | None:
+    """For `builtin:NAME`, the cache directory holding NAME (built on first use); None for other paths."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return None
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in known:
+        choices = ", ".join(BUILTIN_PREFIX + known_name for known_name in known)
+        raise PreflightError(f"{field}: unknown built-in {kind} {path!r} (known: {choices})")
+    return build_once(cache_home() / f"{kind}s" / name, lambda staging: build(name, staging))

@@ -6,8 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from orchestrator.builtin import BUILTIN_PREFIX, build_once, cache_home
-from orchestrator.errors import PreflightError
+from orchestrator.builtin import resolve_builtin
 
 _EXAMPLES = 4000
 
@@ -23,9 +22,9 @@ def arithmetic_examples(count: int = _EXAMPLES, seed: int = 0) -> list[dict[str,
     return examples
 
 
-def _write_jsonl(examples: list[dict[str, str]], directory: Path) -> None:
+def _write_jsonl(name: str, directory: Path) -> None:
     with open(directory / "train.jsonl", "w") as out:
-        for example in examples:
+        for example in BUILTIN_DATASETS[name]():
             out.write(json.dumps(example) + "\n")
 
 
@@ -34,11 +33,5 @@ BUILTIN_DATASETS = {"arithmetic": arithmetic_examples}
 
 def resolve_data_path(path: str) -> str:
     """A real data path for `path`; builtin:NAME is generated on first use."""
-    if not path.startswith(BUILTIN_PREFIX):
-        return path
-    name = path[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN_DATASETS:
-        raise PreflightError(f"data.path: unknown built-in dataset {path!r} (known: {', '.join('builtin:' + n for n in BUILTIN_DATASETS)})")
-    target = cache_home() / "datasets" / name
-    build_once(target, lambda staging: _write_jsonl(BUILTIN_DATASETS[name](), staging))
-    return str(target / "train.jsonl")
+    built = resolve_builtin(path, "data.path", BUILTIN_DATASETS, _write_jsonl, kind="dataset")
+    return str(built / "train.jsonl") if built else path

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.builtin import BUILTIN_PREFIX, build_once, cache_home
-from orchestrator.errors import PreflightError
+from orchestrator.builtin import resolve_builtin
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 _SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -53,10 +52,5 @@ def _build_tiny_model(name: str, directory: Path) -> None:
 
 def resolve_model_path(path: str) -> str:
     """A real model directory or hub id for `path`; builtin:NAME is built on first use."""
-    if not path.startswith(BUILTIN_PREFIX):
-        return path
-    name = path[len(BUILTIN_PREFIX):]
-    if name not in TINY_MODELS:
-        raise PreflightError(f"model.path: unknown built-in model {path!r} (known: {', '.join('builtin:' + n for n in TINY_MODELS)})")
-    target = cache_home() / "models" / name
-    return str(build_once(target, lambda staging: _build_tiny_model(name, staging)))
+    built = resolve_builtin(path, "model.path", TINY_MODELS, _build_tiny_model, kind="model")
+    return str(built) if built else path

@@ -10,7 +10,7 @@ from typing import Iterator
 from orchestrator.builtin import cache_home
 from orchestrator.errors import OrchestratorError
 from orchestrator.spec import JobSpec
-from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore
+from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore, exported_env
 
 
 @contextmanager
@@ -28,17 +28,11 @@ def storage_for(spec: JobSpec, local: bool, echo) -> Iterator[str]:
     store = EmbeddedObjectStore(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
     store.start()
     echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
-    saved = {key: os.environ.get(key) for key in store.env()}
-    os.environ.update(store.env())  # inherited by the Ray workers started below
     try:
-        yield f"s3://{DEFAULT_BUCKET}"
+        with exported_env(store.env()):  # inherited by the Ray workers started inside
+            yield f"s3://{DEFAULT_BUCKET}"
     finally:
         store.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager

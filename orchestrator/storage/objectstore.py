@@ -12,7 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from orchestrator.errors import StorageError
 
@@ -22,6 +24,21 @@ _PORT_FLAGS = (
     "s3.port", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
     "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
 )
+
+
+@contextmanager
+def exported_env(variables: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (inherited by processes started inside), restoring them afterwards."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def weed_binary() -> str:
