@@ -82,3 +82,12 @@ def test_batches_are_disjoint_across_ranks_and_reproducible():
     wrapped = BatchSchedule(10, 4, 1, 1, 0, seed=0)
     first_epoch = [i for step in range(2) for i in wrapped.indices(step, 0)] + wrapped.indices(2, 0)[:2]
     assert sorted(first_epoch) == list(range(10))
+
+
+def test_s3_data_path_loads_through_the_same_credentials(object_store, s3_storage_uri):
+    from orchestrator.storage.fs import open_storage
+
+    storage = open_storage(s3_storage_uri)
+    storage.write_text(storage.path("data/train.jsonl"), "".join(json.dumps(r) + "\n" for r in ROWS))
+    records = load_records(f"{s3_storage_uri}/data/train.jsonl")
+    assert len(records) == 20 and records[0]["prompt"] == "0+1="

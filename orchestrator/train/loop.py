@@ -30,6 +30,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # Progress reaches the console through the driver; per-report INFO lines would drown it.
     for noisy in ("botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_ray_report_log()
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = JobSpec.model_validate(config["spec"])
     if not spec.scaling.use_gpu:
@@ -190,6 +191,17 @@ def _window_metrics(window: dict, device) -> dict:
     metrics = {"loss": float(totals[0] / totals[1]), "tokens_per_s": float(totals[2] / elapsed), "tokens": int(totals[2])}
     window.update(loss_sum=0.0, micro_steps=0, tokens=0, started=time.perf_counter())
     return metrics
+
+
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs every report at INFO (from a logger named by file path); the console already
+    shows our progress line for it. Internal to Ray, so absent modules are fine."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+
+        ray_train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
 
 
 def _emit(progress, **event) -> None:
