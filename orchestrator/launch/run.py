@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import yaml
 
-from orchestrator.errors import JobSpecError, OrchestratorError, StorageError
+from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.progress import ProgressPrinter
 from orchestrator.launch.runtime import ray_runtime, storage_for
@@ -95,7 +95,8 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
                 echo(f"run {layout.uri} is already complete ({spec.train.max_steps} steps)")
                 return RunResult(layout.uri, layout.uri + "/adapter", summary)
             # Training on: the old run manifest would claim a completion that is no longer true.
-            storage.fs.rm_file(layout.manifest) if storage.exists(layout.manifest) else None
+            if storage.exists(layout.manifest):
+                storage.fs.rm_file(layout.manifest)
             echo(f"resuming run {layout.uri}")
         else:
             echo(f"new run {layout.uri}")

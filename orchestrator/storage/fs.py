@@ -43,7 +43,7 @@ class Storage:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole object; on a local filesystem through a temp file so readers never see half of it."""
-        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+        if "file" in self.fs.protocol:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             self.fs.pipe_file(temp, data)

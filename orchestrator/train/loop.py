@@ -18,7 +18,7 @@ from orchestrator.plan import deepspeed_config
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
 from orchestrator.train import storage_io
-from orchestrator.train.checkpoint import load_training_state, save_adapter, save_training_state
+from orchestrator.train.checkpoint import save_adapter, save_training_state
 from orchestrator.train.model import build_adapted_model, frozen_weights_checksum, load_tokenizer
 
 
@@ -43,7 +43,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    run = storage_io.RunStorage.open(config, rank)
+    run = storage_io.RunStorage.open(config)
     progress = config.get("progress")
 
     torch.manual_seed(spec.train.seed)
@@ -164,8 +164,6 @@ def evaluate(engine, batches, pad_id: int) -> float:
 
 def checkpoint(engine, run, step: int, metrics: dict, trainer_state: dict, history: list, rank: int, zero3: bool) -> Path:
     """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective."""
-    import ray.train
-
     local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{step}-rank{rank}-"))
     save_adapter(engine.module, local / "adapter", zero3=zero3, is_writer=rank == 0)
     save_training_state(engine, local, rank, dict(trainer_state))

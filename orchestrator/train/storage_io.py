@@ -39,7 +39,7 @@ class RunStorage:
     layout: RunLayout
 
     @classmethod
-    def open(cls, config: dict[str, Any], rank: int) -> "RunStorage":
+    def open(cls, config: dict[str, Any]) -> "RunStorage":
         storage = open_storage(config["storage_uri"], config.get("endpoint_url"))
         return cls(storage, RunLayout(storage, config["job"], config["run_id"]))
 
@@ -56,8 +56,8 @@ class RunStorage:
             local = Path(tempfile.mkdtemp(prefix=f"orchestrator-resume-rank{rank}-"))
             try:
                 self.storage.download_dir(remote, local)
-                manifest = read_manifest(self.storage, remote) or {"files": {"<manifest>": ""}}
-                intact = not verify_local_copy(local, manifest)
+                manifest = read_manifest(self.storage, remote)
+                intact = manifest is not None and not verify_local_copy(local, manifest)
                 # A torn or corrupted checkpoint is skipped by every rank together.
                 if _all_ranks_agree(intact):
                     state = load_training_state(engine, local, rank)
