@@ -49,7 +49,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.train.seed)
     tokenizer = load_tokenizer(config["model_path"], spec.model.trust_remote_code)
     model, counts = build_adapted_model(spec, config["model_path"], torch.bfloat16 if spec.scaling.use_gpu else torch.float32)
-    base_checksum = frozen_weights_checksum(model)
+    # Before DeepSpeed partitions anything, so this is local: only rank 0 records it.
+    base_checksum = frozen_weights_checksum(model) if rank == 0 else None
     train_set, eval_set = prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
 
     optimizer = torch.optim.AdamW(
@@ -89,7 +90,7 @@ def train_loop(config: dict[str, Any]) -> None:
         eval_due = is_last or (spec.train.eval_every and done % spec.train.eval_every == 0)
         checkpoint_due = is_last or (spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0)
         log_due = eval_due or checkpoint_due or done % spec.train.log_every == 0
-        # ray.train.report synchronises with the controller (≈0.3 s each on 2 cores): report to Ray
+        # ray.train.report synchronises with the controller (about 1 s each on 2 cores): report to Ray
         # (and Tune's schedulers) only at evaluations and checkpoints; the console gets every log.
         if not log_due:
             continue
