@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.adapters import get_method
+from orchestrator.errors import JobSpecError
 from orchestrator.spec import JobSpec
 
 
@@ -46,6 +47,29 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
     if spec.optim.grad_clip > 0:
         config["gradient_clipping"] = spec.optim.grad_clip
     return deep_merge(config, spec.deepspeed.config)
+
+
+def algorithm_problems(spec: JobSpec) -> list[str]:
+    """Ways the merged DeepSpeed config would silently change the training algorithm, one line each.
+
+    Every method here relies on our optimizer (LoRA+'s groups, the no-decay group, LoRA-FA's
+    projection hook) and our scheduler, and the ZeRO checks in this module use `deepspeed.zero_stage`.
+    """
+    raw = spec.deepspeed.config
+    problems = []
+    for key, ours in (("optimizer", "optim.lr / optim.lora_plus_ratio"), ("scheduler", "optim.scheduler")):
+        if key in raw:
+            problems.append(
+                f"deepspeed.config.{key}: DeepSpeed would build its own {key} and drop {ours} (and LoRA+'s "
+                f"per-group learning rates); remove it and set {ours} instead"
+            )
+    raw_stage = (raw.get("zero_optimization") or {}).get("stage")
+    if raw_stage is not None and raw_stage != spec.deepspeed.zero_stage:
+        problems.append(
+            f"deepspeed.config.zero_optimization.stage: {raw_stage} contradicts deepspeed.zero_stage "
+            f"({spec.deepspeed.zero_stage}); set deepspeed.zero_stage only"
+        )
+    return problems
 
 
 def worker_resources(spec: JobSpec) -> dict[str, float]:
@@ -111,6 +135,9 @@ class Plan:
 
 
 def build_plan(spec: JobSpec, model_config: Any | None = None) -> Plan:
+    problems = algorithm_problems(spec)
+    if problems:
+        raise JobSpecError("; ".join(problems))
     plan = Plan(
         spec=spec,
         deepspeed=deepspeed_config(spec),

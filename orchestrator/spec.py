@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from orchestrator.adapters import all_methods
+from orchestrator.adapters import all_methods, get_method
 from orchestrator.errors import JobSpecError
 
 
@@ -43,11 +43,24 @@ class DataSpec(_Section):
         return self
 
 
+DEFAULT_METHOD = "lora"
+
+
+def _method_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("method", DEFAULT_METHOD)
+    return getattr(value, "method", DEFAULT_METHOD)
+
+
 def _adapter_union() -> Any:
-    specs = tuple(method.spec for method in all_methods())
-    if len(specs) == 1:
-        return specs[0]
-    return Annotated[Union[specs], Field(discriminator="method")]
+    """A union of every registered method's spec, told apart by `method` (default: lora)."""
+    names = ", ".join(sorted(method.name for method in all_methods()))
+    members = tuple(Annotated[method.spec, Tag(method.name)] for method in all_methods())
+    return Annotated[
+        Union[members],
+        Discriminator(_method_of, custom_error_type="unknown_method",
+                      custom_error_message=f"known methods: {names}"),
+    ]
 
 
 AdapterSpec = _adapter_union()
@@ -60,6 +73,9 @@ class OptimSpec(_Section):
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
+    lora_plus_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: B's learning rate = ratio × A's (lr); ~16 is typical. lora and delta_lora only."
+    )
 
 
 class TrainSpec(_Section):
@@ -111,7 +127,7 @@ class JobSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name; runs are stored under runs/<name>/.")
     model: ModelSpec
     data: DataSpec
-    adapter: AdapterSpec = Field(default_factory=lambda: all_methods()[0].spec())  # type: ignore[valid-type]
+    adapter: AdapterSpec = Field(default_factory=lambda: get_method(DEFAULT_METHOD).spec())  # type: ignore[valid-type]
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
@@ -124,6 +140,23 @@ class JobSpec(_Section):
         if ".." in name:
             raise ValueError("must not contain '..'")
         return name
+
+    @model_validator(mode="after")
+    def _method_fits_the_rest(self) -> "JobSpec":
+        # Cross-section rules; the message starts with the field to change, like every other error.
+        method = get_method(self.adapter.method)
+        if self.optim.lora_plus_ratio is not None and not method.trains_a_and_b:
+            raise ValueError(
+                f"optim.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, but adapter method "
+                f"{method.name!r} does not train both A and B; remove it or use lora / delta_lora"
+            )
+        start_step = getattr(self.adapter, "start_step", None)
+        if start_step is not None and start_step >= self.train.max_steps:
+            raise ValueError(
+                f"adapter.start_step: {start_step} is not below train.max_steps ({self.train.max_steps}), so the "
+                f"Delta-LoRA update would never start; lower it (about a tenth of the run is typical)"
+            )
+        return self
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -179,13 +212,17 @@ def describe_validation_error(error: ValidationError, raw: dict[str, Any]) -> st
 
 def _describe_one(detail: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = [part for part in detail["loc"] if not (isinstance(part, str) and part in _METHOD_TAGS)]
-    field = ".".join(str(part) for part in loc) or "(top level)"
+    field = ".".join(str(part) for part in loc)
     message = detail["msg"].removeprefix("Value error, ")
+    if not field:  # a cross-section rule, whose message names its own field
+        return message
     if detail["type"] == "extra_forbidden":
         known = _known_fields(loc[:-1], raw)
         guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean {guess[0]!r}?" if guess else (f"; known fields: {', '.join(known)}" if known else "")
         return f"{field}: unknown field{hint}"
+    if detail["type"] == "unknown_method":
+        return f"{field}.method: unknown adapter method {_method_of(detail['input'])!r}; {message}"
     if detail["type"] == "missing":
         return f"{field}: required field is missing"
     if "input" in detail and detail["type"] not in ("model_type", "dict_type") and not isinstance(detail["input"], dict):
@@ -201,8 +238,8 @@ def _known_fields(loc: list[Any], raw: dict[str, Any]) -> list[str]:
     for part in loc:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
         if part == "adapter":
-            method = (raw.get("adapter") or {}).get("method", all_methods()[0].name)
-            model = next((m.spec for m in all_methods() if m.name == method), all_methods()[0].spec)
+            method = _method_of(raw.get("adapter") or {})
+            model = next((m.spec for m in all_methods() if m.name == method), get_method(DEFAULT_METHOD).spec)
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al.): h = W0·x + s·B·A·dropout(x), s = alpha/r (or alpha/sqrt(r) with rsLoRA)."""
+"""LoRA (Hu et al. 2021): h = W0·x + s·B·A·dropout(x), s = alpha/r (or alpha/sqrt(r) with rsLoRA)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.adapters.registry import AdapterMethod, register
 
 
-class LoraSpec(BaseModel):
+class LowRankSpec(BaseModel):
+    """Options shared by the methods that train (or freeze) a rank-r pair B·A per layer."""
+
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lora"] = "lora"
     r: int = Field(8, ge=1, description="Rank of the update B·A.")
     alpha: float = Field(16.0, gt=0, description="Scale numerator: s = alpha/r (alpha/sqrt(r) with rslora).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
     target_modules: Union[list[str], Literal["all-linear"]] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
@@ -24,23 +24,40 @@ class LoraSpec(BaseModel):
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).")
 
 
-def attach_lora(model, spec: LoraSpec):
-    from peft import LoraConfig, get_peft_model
+class LoraSpec(LowRankSpec):
+    method: Literal["lora"] = "lora"
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
 
-    config = LoraConfig(
+
+def lora_config(spec: LowRankSpec, dropout: float):
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
+        lora_dropout=dropout,
         target_modules=spec.target_modules,
         use_rslora=spec.rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
 
 
-def count_lora_trainable(spec: LoraSpec, linear_shapes: list[tuple[int, int]]) -> int:
+def lora_layers(model):
+    """(name, layer) for every PEFT LoRA linear layer in `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def attach_lora(model, spec: LoraSpec):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(spec, spec.dropout))
+
+
+def count_low_rank_trainable(spec: LowRankSpec, linear_shapes: list[tuple[int, int]]) -> int:
     return sum(spec.r * (d_in + d_out) for d_in, d_out in linear_shapes)
 
 
-register(AdapterMethod(name="lora", spec=LoraSpec, attach=attach_lora, count_trainable=count_lora_trainable))
+register(AdapterMethod(name="lora", spec=LoraSpec, attach=attach_lora, count_trainable=count_low_rank_trainable))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    import torch
     import torch.nn as nn
 
 
@@ -21,6 +22,14 @@ class AdapterMethod:
     attach: Callable[["nn.Module", BaseModel], "nn.Module"]
     # Closed-form trainable-parameter count from the (d_in, d_out) of every adapted linear layer.
     count_trainable: Callable[[BaseModel, list[tuple[int, int]]], int]
+    # LoRA+ (B's learning rate = ratio × A's) only means something when both A and B train.
+    trains_a_and_b: bool = True
+    # Called by every rank at the start of each optimizer step (Delta-LoRA's snapshot); `zero3`
+    # says whether parameters are partitioned and must be gathered to be read.
+    before_step: Optional[Callable[["nn.Module", BaseModel, int, bool], None]] = None
+    # The adapter as stock PEFT loads it: ({name: tensor}, PeftConfig). Called with adapter
+    # parameters gathered. Default: PEFT's own state dict and config.
+    export: Optional[Callable[["nn.Module", BaseModel], tuple[dict[str, "torch.Tensor"], Any]]] = None
 
 
 _METHODS: dict[str, AdapterMethod] = {}
@@ -39,3 +48,11 @@ def get_method(name: str) -> AdapterMethod:
 
 def all_methods() -> list[AdapterMethod]:
     return list(_METHODS.values())
+
+
+def peft_export(model: "nn.Module", spec: BaseModel) -> tuple[dict[str, "torch.Tensor"], Any]:
+    """The default export: the PEFT model's own adapter state dict and config."""
+    from peft import get_peft_model_state_dict
+
+    state = {name: tensor.detach().cpu().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+    return state, model.peft_config["default"]

@@ -18,7 +18,7 @@ def format_event(event: dict) -> str | None:
         eta = timedelta(seconds=round(event["elapsed"] / done_here * remaining)) if done_here else "?"
         line = (f"step {event['step']:>6}/{event['max_steps']} | loss {event['loss']:.4f}"
                 + (f" | eval_loss {event['eval_loss']:.4f}" if "eval_loss" in event else "")
-                + f" | {event['tokens_per_s']:,.0f} tok/s | lr {event['lr']:.2e} | ETA {eta}")
+                + f" | {event['tokens_per_s']:,.0f} tok/s | lr {_rates(event)} | ETA {eta}")
         return line
     if kind == "checkpoint":
         return f"checkpoint saved: {event['uri']}"
@@ -58,3 +58,9 @@ class ProgressPrinter:
         self._stop.set()
         self._thread.join(timeout=10)
         self.queue.shutdown(force=True)
+
+
+def _rates(event: dict) -> str:
+    if "lr_B" in event:
+        return f"{event['lr']:.2e} (B {event['lr_B']:.2e})"
+    return f"{event['lr']:.2e}"

@@ -20,13 +20,20 @@ import torch
 DEEPSPEED_TAG = "state"
 
 
+ADAPTER_FLAG = "orchestrator_adapter"
+
+
 def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+    """Every parameter the adapter added, trainable or frozen (LoRA-FA's A), flagged at attach time."""
+    return [p for p in model.parameters() if getattr(p, ADAPTER_FLAG, False)]
 
 
-def save_adapter(model, directory: Path, zero3: bool, is_writer: bool) -> None:
-    """Write the adapter in PEFT format. Collective under ZeRO-3: every rank must call it."""
-    from peft import get_peft_model_state_dict
+def save_adapter(model, directory: Path, zero3: bool, is_writer: bool, export) -> None:
+    """Write the adapter as stock PEFT loads it. `export(model)` → (state dict, PeftConfig).
+
+    Collective under ZeRO-3: every rank must call it, since the adapter is gathered first.
+    """
+    from safetensors.torch import save_file
 
     if zero3:
         import deepspeed
@@ -37,12 +44,15 @@ def save_adapter(model, directory: Path, zero3: bool, is_writer: bool) -> None:
     with gather:
         if not is_writer:
             return
-        state = {name: tensor.detach().cpu().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+        state, config = export(model)
     empty = [name for name, tensor in state.items() if tensor.numel() == 0]
     if not state or empty:
         # PEFT + ZeRO-3 is known to save empty adapters when parameters are not gathered.
         raise RuntimeError(f"refusing to save an empty adapter (empty tensors: {empty[:3]})")
-    model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    save_file({name: tensor.contiguous() for name, tensor in state.items()},
+              str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def save_training_state(engine, directory: Path, rank: int, trainer_state: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -14,11 +15,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from orchestrator.adapters import get_method
+from orchestrator.adapters.registry import peft_export
 from orchestrator.plan import deepspeed_config
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
 from orchestrator.train import storage_io
 from orchestrator.train.checkpoint import save_adapter, save_training_state
+from orchestrator.train.optim import check_rates, expected_rates, make_optimizer
 from orchestrator.train.model import build_adapted_model, frozen_weights_checksum, load_tokenizer
 
 
@@ -53,14 +57,14 @@ def train_loop(config: dict[str, Any]) -> None:
     base_checksum = frozen_weights_checksum(model) if rank == 0 else None
     train_set, eval_set = prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=spec.optim.lr, betas=spec.optim.betas, weight_decay=spec.optim.weight_decay,
-    )
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, spec), config=deepspeed_config(spec)
-    )
+    optimizer = make_optimizer(model, spec)
+    scheduler = make_scheduler(optimizer, spec)
+    built_rates = expected_rates(optimizer)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec))
+    check_rates(engine.optimizer, built_rates)
     zero3 = spec.deepspeed.zero_stage == 3
+    method = get_method(spec.adapter.method)
+    export = functools.partial(method.export or peft_export, spec=spec.adapter)
     if rank == 0:
         _emit(progress, event="start", counts=str(counts), trainable=counts.trainable, total=counts.total,
               train_examples=len(train_set), eval_examples=len(eval_set))
@@ -76,6 +80,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     engine.train()
     for step in range(start_step, spec.train.max_steps):
+        if method.before_step is not None:
+            method.before_step(engine.module, spec.adapter, step, zero3)
         for micro_step in range(spec.train.grad_accum):
             batch = data_lib.collate([train_set[i] for i in schedule.indices(step, micro_step)], pad_id)
             batch = {key: value.to(engine.device) for key, value in batch.items()}
@@ -85,6 +91,8 @@ def train_loop(config: dict[str, Any]) -> None:
             window["loss_sum"] += loss.item()
             window["micro_steps"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
+        if step == start_step:  # and once more after a real step: the scheduler has run by now
+            check_rates(engine.optimizer, built_rates)
         done = step + 1
         is_last = done == spec.train.max_steps
         eval_due = is_last or (spec.train.eval_every and done % spec.train.eval_every == 0)
@@ -96,7 +104,10 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         metrics = _window_metrics(window, engine.device)
         trainer_state["step"], trainer_state["tokens"] = done, trainer_state["tokens"] + metrics.pop("tokens")
-        metrics.update(step=done, tokens=trainer_state["tokens"], lr=engine.get_lr()[0], epoch=schedule.epoch(done))
+        rates = dict(zip((name for name, _ in built_rates), engine.get_lr()))
+        metrics.update(step=done, tokens=trainer_state["tokens"], epoch=schedule.epoch(done), lr=engine.get_lr()[0])
+        if "B" in rates:  # LoRA+
+            metrics["lr_B"] = rates["B"]
         if eval_due:
             metrics["eval_loss"] = evaluate(engine, evaluation, pad_id)
         history.append(metrics)
@@ -106,7 +117,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if checkpoint_due:
             if last_checkpoint_dir is not None:
                 shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
-            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3)
+            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3, export)
             if rank == 0:
                 _emit(progress, event="checkpoint", step=done, uri=run.layout.uri + f"/checkpoints/step-{done:08d}")
         elif eval_due:
@@ -163,10 +174,11 @@ def evaluate(engine, batches, pad_id: int) -> float:
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-def checkpoint(engine, run, step: int, metrics: dict, trainer_state: dict, history: list, rank: int, zero3: bool) -> Path:
+def checkpoint(engine, run, step: int, metrics: dict, trainer_state: dict, history: list, rank: int, zero3: bool,
+               export) -> Path:
     """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective."""
     local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{step}-rank{rank}-"))
-    save_adapter(engine.module, local / "adapter", zero3=zero3, is_writer=rank == 0)
+    save_adapter(engine.module, local / "adapter", zero3=zero3, is_writer=rank == 0, export=export)
     save_training_state(engine, local, rank, dict(trainer_state))
     run.report_checkpoint(local, step, metrics, history, rank)
     return local

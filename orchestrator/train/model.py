@@ -10,6 +10,7 @@ import torch
 
 from orchestrator.adapters import get_method
 from orchestrator.spec import JobSpec
+from orchestrator.train.checkpoint import ADAPTER_FLAG
 
 
 @dataclass
@@ -49,6 +50,9 @@ def build_adapted_model(spec: JobSpec, model_path: str, dtype: torch.dtype):
     leaked = [name for name, p in model.named_parameters() if p.requires_grad and id(p) in base_parameter_ids]
     if leaked:
         raise RuntimeError(f"base parameters are trainable after attaching the adapter: {leaked[:5]}")
+    for parameter in model.parameters():
+        if id(parameter) not in base_parameter_ids:
+            setattr(parameter, ADAPTER_FLAG, True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise RuntimeError("the adapter added no trainable parameters")

@@ -1,0 +1,125 @@
+"""Delta-LoRA (Zi et al. 2023): LoRA whose base weight also moves by the change of B·A.
+
+The paper updates W after every step t ≥ K: W ← W + λ·s·(B_{t+1}A_{t+1} − B_tA_t). That telescopes to
+W_t = W0 + λ·s·(B_tA_t − B_KA_K), so the same model is computed here without ever writing W0:
+
+    h = W0·x + s·B·A·x + λ·s·(sg(B·A) − B_K·A_K)·x        (sg = stop-gradient)
+
+with (A_K, B_K) snapshotted at step K. It is exactly the paper's algorithm (A and B get the same
+gradients, W's contribution is the same), it is ZeRO-safe (W0 is never modified, no d×d delta is ever
+materialised) and the checkpoint stays adapter-sized. It exports as a plain rank-2r LoRA:
+B' = [(1+λ)·s·B | −λ·s·B_K], A' = [A; A_K], scale 1. The adapter path has no dropout, as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from orchestrator.adapters.lora import LowRankSpec, count_low_rank_trainable, lora_config, lora_layers
+from orchestrator.adapters.registry import AdapterMethod, peft_export, register
+
+
+class DeltaLoraSpec(LowRankSpec):
+    method: Literal["delta_lora"] = "delta_lora"
+    update_ratio: float = Field(2.0, ge=0.0, description="λ: how far W follows the change of B·A (0 = plain LoRA).")
+    start_step: int = Field(500, ge=0, description="K: the optimizer step from which W follows B·A.")
+
+
+def _delta_forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+    lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+    scaling = module.scaling[active_adapter]
+    result = result + lora_B(lora_A(x)) * scaling
+    if module.delta_active:
+        # One rank-2r product: [sg(B) | −B_K]·[sg(A); A_K]·x. x keeps its gradient (W_t is part of the
+        # model); A and B get none from this term.
+        a = torch.cat([lora_A.weight.detach(), module.delta_snapshot_A.to(lora_A.weight.dtype)], dim=0)
+        b = torch.cat([lora_B.weight.detach(), -module.delta_snapshot_B.to(lora_B.weight.dtype)], dim=1)
+        result = result + F.linear(F.linear(x, a), b) * (module.delta_ratio * scaling)
+    return result
+
+
+class DeltaLoraVariant:
+    """A PEFT LoRA variant (the hook PEFT's DoRA uses) whose forward adds the Delta-LoRA term."""
+
+    forward = staticmethod(_delta_forward)
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+    @staticmethod
+    def merge_safe(module, active_adapter, orig_weight):
+        raise NotImplementedError("merge a Delta-LoRA adapter through `orchestrator export --merged`")
+
+    merge_unsafe = unmerge = merge_safe
+
+
+def attach_delta_lora(model, spec: DeltaLoraSpec):
+    import deepspeed
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(spec, dropout=0.0))
+    for _, layer in lora_layers(model):
+        lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
+        # Buffers, not parameters: ZeRO-3 never partitions them, and the engine checkpoint keeps them.
+        # Their names avoid "lora_" so that PEFT's adapter state dict does not pick them up.
+        layer.register_buffer("delta_snapshot_A", torch.zeros_like(lora_A.weight))
+        layer.register_buffer("delta_snapshot_B", torch.zeros_like(lora_B.weight))
+        layer.delta_ratio, layer.delta_active = spec.update_ratio, False
+        layer.lora_variant["default"] = DeltaLoraVariant()
+        # The forward reads A's and B's weights outside their own modules' forward: under ZeRO-3 the
+        # layer must gather them for its whole forward.
+        deepspeed.zero.register_external_parameter(layer, lora_A.weight)
+        deepspeed.zero.register_external_parameter(layer, lora_B.weight)
+    return model
+
+
+def delta_lora_before_step(model, spec: DeltaLoraSpec, step: int, zero3: bool) -> None:
+    layers = [layer for _, layer in lora_layers(model)]
+    if step == spec.start_step:
+        weights = [w for layer in layers for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+        if zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(weights, modifier_rank=None)
+        else:
+            gather = nullcontext()
+        with gather, torch.no_grad():
+            for layer in layers:
+                layer.delta_snapshot_A.copy_(layer.lora_A["default"].weight)
+                layer.delta_snapshot_B.copy_(layer.lora_B["default"].weight)
+    elif step > spec.start_step and not getattr(model, "_delta_snapshot_checked", False):
+        # A resumed run gets the snapshot from the engine checkpoint; A_K is a random init, never zero.
+        if any(not layer.delta_snapshot_A.any() for layer in layers):
+            raise RuntimeError(f"Delta-LoRA snapshot of step {spec.start_step} is missing from the resumed state")
+        model._delta_snapshot_checked = True
+    for layer in layers:
+        layer.delta_active = step >= spec.start_step
+
+
+def export_delta_lora(model, spec: DeltaLoraSpec):
+    """The equivalent rank-2r LoRA (scale 1), loadable by stock PEFT."""
+    state, config = peft_export(model, spec)
+    for name, layer in lora_layers(model):
+        scaling = layer.scaling["default"]
+        ratio = spec.update_ratio if layer.delta_active else 0.0
+        key_a, key_b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        a, b = state[key_a], state[key_b]
+        state[key_a] = torch.cat([a, layer.delta_snapshot_A.cpu().to(a.dtype)], dim=0)
+        state[key_b] = torch.cat([(1 + ratio) * scaling * b, -ratio * scaling * layer.delta_snapshot_B.cpu().to(b.dtype)], dim=1)
+    config = copy.deepcopy(config)
+    config.r, config.lora_alpha, config.use_rslora = 2 * spec.r, 2 * spec.r, False
+    return state, config
+
+
+register(
+    AdapterMethod(
+        name="delta_lora", spec=DeltaLoraSpec, attach=attach_delta_lora, count_trainable=count_low_rank_trainable,
+        before_step=delta_lora_before_step, export=export_delta_lora,
+    )
+)

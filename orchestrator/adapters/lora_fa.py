@@ -1,0 +1,107 @@
+"""LoRA-FA (Zhang et al. 2023): LoRA with A frozen at its random init; only B trains.
+
+The point is activation memory. With A frozen, B's gradient needs only z = A·dropout(x) (r values
+per token) and x's gradient needs only the weights, so nothing d-dimensional has to be kept for the
+adapter. Freezing A in PEFT's layers gets part of the way; each layer's dropout still keeps a mask of
+x. Here the dropout mask is regenerated from a saved seed in backward, so each adapted layer keeps z
+and a seed — nothing else.
+
+`project_gradient` applies the LoRA-FA optimizer's projection g_B ← g_B·(A·Aᵀ)⁻¹ / s² as a hook on
+B's gradient, before DeepSpeed flattens or partitions anything (PEFT's optimizer pairs A and B by
+name, which ZeRO-2's flat groups break). The projection is linear, so it commutes with gradient
+accumulation and the all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from orchestrator.adapters.lora import LowRankSpec, lora_config, lora_layers
+from orchestrator.adapters.registry import AdapterMethod, register
+
+
+class LoraFaSpec(LowRankSpec):
+    method: Literal["lora_fa"] = "lora_fa"
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input (mask regenerated in backward).")
+    project_gradient: bool = Field(
+        False, description="Project B's gradient by (A·Aᵀ)⁻¹/s², as PEFT's LoRA-FA optimizer does, but ZeRO-safe."
+    )
+
+
+class _SeededDropout(torch.autograd.Function):
+    """Dropout that keeps only a seed for backward and regenerates the mask from it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        ctx.p, ctx.seed = p, seed
+        return x * _keep_mask(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * _keep_mask(grad, ctx.p, ctx.seed), None, None
+
+
+def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(seed)
+    mask = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+
+
+class SeededDropout(torch.nn.Module):
+    """Drop-in for nn.Dropout on a path whose input is not otherwise kept for backward."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        # Drawn from torch's global RNG, so a resumed run (which restores it) drops the same units.
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return _SeededDropout.apply(x, self.p, seed)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def projection(lora_a_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(A·Aᵀ + δI)⁺ / s²: the r×r matrix B's gradient is multiplied by (PEFT's LoRA-FA optimizer)."""
+    a = lora_a_weight.detach().double()
+    gram = a @ a.T + 1e-8 * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return (torch.linalg.pinv(gram) / scaling**2).to(lora_a_weight.dtype)
+
+
+def attach_lora_fa(model, spec: LoraFaSpec):
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(spec, spec.dropout))
+    for _, layer in lora_layers(model):
+        for adapter in layer.lora_A:
+            layer.lora_A[adapter].requires_grad_(False)
+            if spec.dropout > 0:
+                layer.lora_dropout[adapter] = SeededDropout(spec.dropout)
+            if spec.project_gradient:
+                # A never changes, so the projection is computed once, while A is still whole (before
+                # ZeRO-3 partitions it). A non-persistent buffer follows the module across devices.
+                layer.register_buffer(
+                    "lora_fa_projection", projection(layer.lora_A[adapter].weight, layer.scaling[adapter]), persistent=False
+                )
+                layer.lora_B[adapter].weight.register_hook(lambda grad, layer=layer: grad @ layer.lora_fa_projection.to(grad.dtype))
+    return model
+
+
+def count_lora_fa_trainable(spec: LoraFaSpec, linear_shapes: list[tuple[int, int]]) -> int:
+    return sum(spec.r * d_out for _, d_out in linear_shapes)
+
+
+register(
+    AdapterMethod(
+        name="lora_fa", spec=LoraFaSpec, attach=attach_lora_fa, count_trainable=count_lora_fa_trainable,
+        trains_a_and_b=False,
+    )
+)

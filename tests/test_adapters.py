@@ -1,0 +1,204 @@
+"""The methods' math, without Ray or DeepSpeed: closed-form counts, identity at init, Delta-LoRA equal
+to the explicit algorithm, LoRA-FA's lean dropout and projection, VeRA's shared projections, exports."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from orchestrator.adapters import all_methods, get_method
+from orchestrator.adapters.lora import lora_layers
+from orchestrator.adapters.lora_fa import SeededDropout, projection
+from orchestrator.plan import build_plan
+from orchestrator.spec import validate_spec
+
+BASE = {"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}
+METHOD_OPTIONS = {
+    "lora": {"r": 4},
+    "lora_fa": {"r": 4},
+    "vera": {"r": 32},
+    "delta_lora": {"r": 4, "start_step": 0},
+}
+
+
+def tiny_fp64_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=40, max_position_embeddings=32)
+    model = LlamaForCausalLM(config).double()
+    model.requires_grad_(False)
+    return model
+
+
+def adapted(method: str, seed: int = 1, **options):
+    spec = get_method(method).spec(**{**METHOD_OPTIONS[method], "target_modules": ["q_proj", "v_proj", "down_proj"], **options})
+    base = tiny_fp64_model()
+    torch.manual_seed(seed)
+    return base, get_method(method).attach(copy.deepcopy(base), spec), spec
+
+
+def test_every_method_is_registered_with_a_tagged_spec():
+    assert {m.name for m in all_methods()} == {"lora", "lora_fa", "vera", "delta_lora"}
+    for method in all_methods():
+        assert method.spec().method == method.name
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_closed_form_count_matches_the_attached_model(tiny_llama_path, method, targets):
+    from transformers import AutoConfig
+
+    from orchestrator.train.model import build_adapted_model
+
+    spec = validate_spec({**BASE, "adapter": {"method": method, **METHOD_OPTIONS[method], "target_modules": targets},
+                          "train": {"max_steps": 10}})
+    plan = build_plan(spec, AutoConfig.from_pretrained(tiny_llama_path))
+    _, counts = build_adapted_model(spec, tiny_llama_path, torch.float32)
+    assert plan.trainable_parameters == counts.trainable
+    shapes = plan.adapted_layers.values()
+    closed_form = {
+        "lora": sum(4 * (i + o) for i, o in shapes), "delta_lora": sum(4 * (i + o) for i, o in shapes),
+        "lora_fa": sum(4 * o for _, o in shapes), "vera": sum(o + 32 for _, o in shapes),
+    }[method]
+    assert counts.trainable == closed_form
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_output_equals_the_base_at_init(method):
+    base, model, spec = adapted(method)
+    model.train()
+    if spec.method == "delta_lora":
+        get_method(method).before_step(model, spec, 0, False)
+    ids = torch.randint(0, 40, (2, 8))
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def _train_steps(model, steps: int, lr: float = 1e-2, before_step=None, after_step=None):
+    """AdamW on the trainable parameters; returns logits per step. Batches depend only on the step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    outputs = []
+    for step in range(steps):
+        if before_step:
+            before_step(step)
+        generator = torch.Generator().manual_seed(100 + step)
+        ids = torch.randint(0, 40, (2, 8), generator=generator)
+        logits = model(input_ids=ids).logits
+        outputs.append(logits.detach().clone())
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 40), ids[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if after_step:
+            after_step(step)
+    return outputs
+
+
+@pytest.mark.parametrize("start_step, ratio", [(2, 2.0), (0, 0.5)])
+def test_delta_lora_equals_the_explicit_weight_update(start_step, ratio):
+    """Ours (W0 untouched, stop-gradient term) vs the paper's W ← W + λ·s·(B'A' − BA) after each step ≥ K."""
+    _, ours, spec = adapted("delta_lora", start_step=start_step, update_ratio=ratio)
+    _, explicit, _ = adapted("lora", dropout=0.0)
+    explicit_layers = [layer for _, layer in lora_layers(explicit)]
+    before = {}
+
+    def remember(step):
+        before.update({id(layer): layer.get_delta_weight("default").clone() for layer in explicit_layers})
+
+    def update_w(step):
+        if step >= start_step:
+            with torch.no_grad():
+                for layer in explicit_layers:  # get_delta_weight = s·B·A
+                    layer.base_layer.weight += ratio * (layer.get_delta_weight("default") - before[id(layer)])
+
+    ours_out = _train_steps(ours, 6, before_step=lambda step: get_method("delta_lora").before_step(ours, spec, step, False))
+    explicit_out = _train_steps(explicit, 6, before_step=remember, after_step=update_w)
+    for step, (a, b) in enumerate(zip(ours_out, explicit_out)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"step {step}")
+    assert not torch.equal(ours_out[-1], _train_steps(adapted("lora", dropout=0.0)[1], 6)[-1]), "λ>0 must differ from LoRA"
+    # W0 itself was never written
+    fresh = tiny_fp64_model()
+    for (name, layer) in lora_layers(ours):
+        original = fresh.get_submodule(name.removeprefix("base_model.model.")).weight
+        assert torch.equal(layer.base_layer.weight, original)
+
+
+def test_delta_lora_with_zero_ratio_is_lora():
+    _, ours, spec = adapted("delta_lora", start_step=0, update_ratio=0.0)
+    _, lora, _ = adapted("lora", dropout=0.0)
+    ours_out = _train_steps(ours, 4, before_step=lambda step: get_method("delta_lora").before_step(ours, spec, step, False))
+    for a, b in zip(ours_out, _train_steps(lora, 4)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_delta_lora_exports_as_an_equivalent_rank_2r_lora(tmp_path):
+    from peft import PeftModel
+
+    from orchestrator.train.checkpoint import save_adapter
+
+    _, ours, spec = adapted("delta_lora", start_step=1, update_ratio=2.0)
+    _train_steps(ours, 4, before_step=lambda step: get_method("delta_lora").before_step(ours, spec, step, False))
+    save_adapter(ours, tmp_path, zero3=False, is_writer=True,
+                 export=lambda model: get_method("delta_lora").export(model, spec))
+    loaded = PeftModel.from_pretrained(tiny_fp64_model(), str(tmp_path))
+    assert loaded.peft_config["default"].r == 2 * spec.r
+    ids = torch.randint(0, 40, (2, 8))
+    ours.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-10)
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-10)
+
+
+def test_lora_fa_keeps_a_frozen_and_trains_b():
+    _, model, _ = adapted("lora_fa", dropout=0.1)
+    a_before = {name: layer.lora_A["default"].weight.clone() for name, layer in lora_layers(model)}
+    _train_steps(model, 3)
+    for name, layer in lora_layers(model):
+        assert torch.equal(layer.lora_A["default"].weight, a_before[name])
+        assert not layer.lora_A["default"].weight.requires_grad
+        assert layer.lora_B["default"].weight.abs().sum() > 0
+
+
+def test_seeded_dropout_regenerates_the_mask_it_used():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
+    dropout = SeededDropout(0.3)
+    y = dropout(x)
+    y.backward(torch.ones_like(y))
+    kept = y.detach() != 0
+    # forward: kept units scaled by 1/(1-p); backward: the same units, the same scale
+    torch.testing.assert_close(y.detach()[kept], x.detach()[kept] / 0.7)
+    assert torch.equal(x.grad != 0, kept)
+    torch.testing.assert_close(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.7))
+    assert 0.5 < kept.double().mean() < 0.9
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+
+
+def test_lora_fa_projection_multiplies_b_gradient():
+    _, plain, _ = adapted("lora_fa", dropout=0.0)
+    _, projected, _ = adapted("lora_fa", dropout=0.0, project_gradient=True)
+    ids = torch.randint(0, 40, (2, 8))
+    for model in (plain, projected):
+        model(input_ids=ids, labels=ids).loss.backward()
+    for (_, raw), (_, proj) in zip(lora_layers(plain), lora_layers(projected)):
+        a = raw.lora_A["default"].weight
+        expected = raw.lora_B["default"].weight.grad @ torch.linalg.inv(a @ a.T) / raw.scaling["default"] ** 2
+        torch.testing.assert_close(proj.lora_B["default"].weight.grad, expected, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(projection(a, 2.0), torch.linalg.inv(a @ a.T) / 4, rtol=1e-5, atol=1e-10)
+
+
+def test_vera_projections_are_one_storage_shared_by_every_layer():
+    _, model, _ = adapted("vera")
+    layers = [m for _, m in model.named_modules() if hasattr(m, "vera_A") and hasattr(m, "vera_lambda_b")]
+    assert len(layers) == 3
+    assert len({layer.vera_A["default"].data_ptr() for layer in layers}) == 1
+    assert len({layer.vera_B["default"].data_ptr() for layer in layers}) == 1
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 6 and all(".vera_lambda_b." in n or ".vera_lambda_d." in n for n in trainable)
