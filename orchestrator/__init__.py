@@ -4,6 +4,7 @@ Public Python API (the CLI is a thin layer over it):
     load_spec(path, overrides) -> JobSpec
     plan(spec) -> Plan            pure: DeepSpeed config, resources, trainable-parameter estimate
     run(spec, local=True, ...) -> RunResult
+    export(run_uri, out, merged=False) -> Path   the adapter (PEFT format) or the merged model
 """
 
 from orchestrator.errors import JobSpecError, OrchestratorError, PreflightError, StorageError
@@ -27,4 +28,10 @@ def run(spec: JobSpec, **options):
     return _run(spec, **options)
 
 
-__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "load_spec", "plan", "run"]
+def export(run_uri: str, out, **options):
+    from orchestrator.launch.export import export as _export
+
+    return _export(run_uri, out, **options)
+
+
+__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "export", "load_spec", "plan", "run"]

@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--local", action="store_true", help="single-node test mode: start Ray (and an S3 server) in-process")
     run.add_argument("--run-id", help="name the run; starting an existing run again resumes it")
     run.add_argument("--resume", action="store_true", help="resume the latest run of this job (or --run-id)")
+    export = commands.add_parser("export", help="write a finished run's adapter (PEFT format) or merged model to a directory")
+    export.add_argument("run_uri", help="s3://bucket[/prefix]/runs/<job>/<run-id> (as printed by run)")
+    export.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    export.add_argument("--merged", action="store_true", help="merge the adapter into the base model (save_pretrained)")
+    export.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL; local-mode runs use the embedded store)")
     commands.add_parser("schema", help="print the job spec's JSON Schema")
     return parser
 
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schema":
         print(json.dumps(orchestrator.JobSpec.model_json_schema(), indent=2))
+        return 0
+    if args.command == "export":
+        orchestrator.export(args.run_uri, args.out, merged=args.merged, endpoint_url=args.endpoint_url)
         return 0
     spec = orchestrator.load_spec(args.job, args.overrides)
     if args.command == "validate":

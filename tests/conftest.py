@@ -23,12 +23,19 @@ def object_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session(object_store):
+def faults_file(tmp_path_factory) -> Path:
+    """Where tests schedule injected worker failures (orchestrator.train.faults); workers inherit its path."""
+    return tmp_path_factory.mktemp("faults") / "faults.json"
+
+
+@pytest.fixture(scope="session")
+def ray_session(object_store, faults_file):
     """One Ray runtime for every integration test, started after the S3 credentials are exported
     so that its worker processes inherit them."""
     import ray
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
+    os.environ["ORCHESTRATOR_FAULTS"] = str(faults_file)
     ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     yield
     ray.shutdown()

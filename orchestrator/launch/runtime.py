@@ -25,14 +25,28 @@ def storage_for(spec: JobSpec, local: bool, echo) -> Iterator[str]:
 
     if ray.is_initialized():
         raise OrchestratorError("storage.uri: Ray is already running, so the embedded store's credentials cannot reach its workers; set storage.uri")
+    with embedded_store(echo):  # its credentials are inherited by the Ray workers started inside
+        yield f"s3://{DEFAULT_BUCKET}"
+
+
+@contextmanager
+def embedded_store(echo) -> Iterator[None]:
+    """Serve local mode's object store (kept in ORCHESTRATOR_STORE_DIR) with its credentials exported."""
     store = EmbeddedObjectStore(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
     store.start()
     echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
     try:
-        with exported_env(store.env()):  # inherited by the Ray workers started inside
-            yield f"s3://{DEFAULT_BUCKET}"
+        with exported_env(store.env()):
+            yield
     finally:
         store.stop()
+
+
+def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
+    """A local-mode run URI (s3://orchestrator/…) with no other S3 endpoint configured."""
+    return (uri == f"s3://{DEFAULT_BUCKET}" or uri.startswith(f"s3://{DEFAULT_BUCKET}/")) and not (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    )
 
 
 @contextmanager

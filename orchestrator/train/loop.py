@@ -20,7 +20,7 @@ from orchestrator.adapters.registry import peft_export
 from orchestrator.plan import deepspeed_config
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
-from orchestrator.train import storage_io
+from orchestrator.train import faults, storage_io
 from orchestrator.train.checkpoint import save_adapter, save_training_state
 from orchestrator.train.optim import check_rates, expected_rates, make_optimizer
 from orchestrator.train.model import build_adapted_model, frozen_weights_checksum, load_tokenizer
@@ -122,6 +122,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 _emit(progress, event="checkpoint", step=done, uri=run.layout.uri + f"/checkpoints/step-{done:08d}")
         elif eval_due:
             ray.train.report(metrics)
+        faults.maybe_fail(config["run_id"], done, rank)
 
     base_checksum_after = frozen_weights_checksum(engine.module, zero3=zero3)
     probe = probe_logits(engine, (eval_set or train_set)[0], pad_id)

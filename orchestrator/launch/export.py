@@ -1,0 +1,104 @@
+"""`orchestrator export`: a finished run's adapter in PEFT format, or the base with it merged in.
+
+Everything is downloaded and checked against the run manifest first, the result is checked against
+the logits the trained model produced (probe_logits.safetensors), and it is written to a staging
+directory that is renamed into place only when complete: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.launch.runtime import embedded_store, uses_embedded_store
+from orchestrator.spec import validate_spec
+from orchestrator.storage.fs import open_storage
+from orchestrator.storage.layout import RunLayout
+from orchestrator.storage.manifest import hash_local_dir, read_manifest
+
+# The probe is computed in the training dtype; bf16 logits only match fp32 ones loosely.
+_PROBE_TOLERANCE = {False: 1e-4, True: 5e-2}
+
+
+def parse_run_uri(run_uri: str) -> tuple[str, str, str]:
+    """`s3://bucket/prefix/runs/<job>/<run-id>` → (storage URI, job, run id)."""
+    match = re.fullmatch(r"((?:s3|file)://.+?)/runs/([^/]+)/([^/]+)/?", run_uri)
+    if not match:
+        raise OrchestratorError(f"{run_uri}: not a run URI (expected s3://bucket[/prefix]/runs/<job>/<run-id>)")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def export(run_uri: str, out: str | Path, merged: bool = False, endpoint_url: str | None = None, echo=print) -> Path:
+    storage_uri, job, run_id = parse_run_uri(run_uri)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OrchestratorError(f"--out {out}: already exists and is not an empty directory")
+    serving = embedded_store(echo) if uses_embedded_store(storage_uri, endpoint_url) else nullcontext()
+    with serving, tempfile.TemporaryDirectory(prefix="orchestrator-export-") as scratch:
+        run_dir = _download_verified(RunLayout(open_storage(storage_uri, endpoint_url), job, run_id), Path(scratch) / "run")
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent.resolve() if out.parent.exists() else None))
+        try:
+            if merged:
+                _write_merged(run_dir, staging, echo)
+            else:
+                shutil.copytree(run_dir / "adapter", staging, dirs_exist_ok=True)
+            if out.exists():
+                out.rmdir()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(staging), str(out))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    echo(f"exported {'merged model' if merged else 'adapter'} of {run_uri} to {out}")
+    return out
+
+
+def _download_verified(layout: RunLayout, local: Path) -> Path:
+    manifest = read_manifest(layout.storage, layout.run_dir)
+    if manifest is None or manifest.get("status") != "complete":
+        raise OrchestratorError(f"{layout.uri}: no complete run there (its manifest.json is missing); resume or finish the run first")
+    wanted = ("adapter", "spec.yaml", "probe_logits.safetensors")
+    layout.storage.download_dir(layout.file("adapter"), local / "adapter")
+    for name in wanted[1:]:
+        (local / name).write_bytes(layout.storage.read_bytes(layout.file(name)))
+    actual = hash_local_dir(local)
+    expected = {name: digest for name, digest in manifest["files"].items() if name.split("/")[0] in wanted}
+    damaged = sorted(name for name, digest in expected.items() if actual.get(name) != digest)
+    if damaged or not expected:
+        raise OrchestratorError(f"{layout.uri}: files differ from the run manifest: {damaged[:3]}")
+    return local
+
+
+def _write_merged(run_dir: Path, out: Path, echo) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.builtin.models import resolve_model_path
+    from orchestrator.train.model import load_tokenizer
+
+    spec = validate_spec(yaml.safe_load((run_dir / "spec.yaml").read_text()), source="spec.yaml")
+    model_path = resolve_model_path(spec.model.path)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=spec.model.trust_remote_code)
+    adapted = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    probe = load_file(run_dir / "probe_logits.safetensors")
+    with torch.no_grad():
+        adapted_logits = adapted(input_ids=probe["input_ids"][None]).logits[0, -4:]
+        _check_close(adapted_logits, probe["logits"], _PROBE_TOLERANCE[spec.scaling.use_gpu], "the adapter no longer reproduces the trained model")
+        merged = adapted.merge_and_unload()
+        _check_close(merged(input_ids=probe["input_ids"][None]).logits[0, -4:], adapted_logits, 1e-4, "merging changed the model's logits")
+    merged.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(model_path, spec.model.trust_remote_code).save_pretrained(str(out))
+    echo(f"merged model checked against the trained model's logits (max |Δ| ≤ {_PROBE_TOLERANCE[spec.scaling.use_gpu]:g})")
+
+
+def _check_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, problem: str) -> None:
+    difference = (actual.float() - expected.float()).abs().max().item()
+    if difference > tolerance:
+        raise OrchestratorError(f"export refused: {problem} (max |Δ logit| {difference:.2e} > {tolerance:g})")
