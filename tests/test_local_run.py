@@ -33,7 +33,9 @@ def job(storage_uri: str, **overrides) -> orchestrator.JobSpec:
         "storage": {"uri": storage_uri},
     }
     for section, fields in overrides.items():
-        raw[section] = {**raw.get(section, {}), **fields}
+        # Another adapter method has other fields: replace the section instead of merging into LoRA's.
+        replace = section == "adapter" and fields.get("method", "lora") != "lora"
+        raw[section] = fields if replace else {**raw.get(section, {}), **fields}
     return validate_spec(raw)
 
 
