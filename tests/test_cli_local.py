@@ -51,3 +51,49 @@ def test_missing_model_path_is_one_line(object_store, s3_storage_uri, tmp_path):
     spec.model.path = str(tmp_path / "no-model")
     with pytest.raises(orchestrator.PreflightError, match="model.path: .*no-model is not a loadable model"):
         orchestrator.run(spec, echo=print)
+
+
+def _run_uri_from(output: str) -> str:
+    line = next(line for line in output.splitlines() if line.startswith("final adapter: "))
+    return line.removeprefix("final adapter: ").removesuffix("/adapter")
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_local_run_adapter_and_merged(tmp_path):
+    """Run a VeRA job locally, then export it twice through the CLI; both exports load with stock
+    PEFT / transformers alone. Bad exports exit 2 and write nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["ORCHESTRATOR_STORE_DIR"] = str(tmp_path / "store")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, env=env, timeout=600)
+
+    trained = cli("run", "--local", str(REPO / "jobs" / "vera.yaml"), "--set", "train.max_steps=4",
+                  "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0")
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    run_uri = _run_uri_from(trained.stdout)
+
+    exported = cli("export", run_uri, "--out", str(tmp_path / "adapter"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    merged = cli("export", run_uri, "--out", str(tmp_path / "merged"), "--merged")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert "merged model checked against the trained model's logits" in merged.stdout
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.builtin.models import resolve_model_path
+
+    ids = torch.arange(3, 20)[None]
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama")),
+                                        str(tmp_path / "adapter")).eval()
+    full = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    missing = cli("export", run_uri.rsplit("/", 1)[0] + "/no-such-run", "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no complete run there" in missing.stderr
+    assert not (tmp_path / "x").exists()
+    taken = cli("export", run_uri, "--out", str(tmp_path / "adapter"))
+    assert taken.returncode == 2 and "already exists and is not an empty directory" in taken.stderr

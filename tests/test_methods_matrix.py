@@ -67,8 +67,12 @@ def test_method_under_zero_stage(cell, stage, ray_session, s3_storage_uri, tiny_
     reference = replay(spec, tiny_llama_path, resolve_data_path(spec.data.path))
     expected = reference.export(spec)
     assert set(trained) == set(expected)
+    # Adam turns roundoff in near-zero gradients into sign flips of single updates, so an element may
+    # differ by a fraction of one step (lr); a lost LoRA+ rate or a skipped projection moves by many.
+    step_size = spec.optim.lr
     for name, tensor in expected.items():
-        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=2e-6, msg=name)
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-2 * step_size,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     assert reference.loss_after < reference.loss_before, "six steps on one batch family must lower its loss"
     changed = [name for name, tensor in trained.items() if not torch.equal(tensor, reference.initial_state[name])]
     assert changed, "nothing trained"

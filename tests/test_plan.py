@@ -61,3 +61,39 @@ def test_trainable_estimate_matches_peft(tiny_llama_path, targets, rank):
     assert plan.base_parameters + plan.trainable_parameters == counts.total
     # closed form r·(d_in + d_out) per adapted layer
     assert plan.trainable_parameters == sum(rank * (i + o) for i, o in plan.adapted_layers.values())
+
+
+@pytest.mark.parametrize(
+    "raw_config, expected",
+    [
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "deepspeed.config.optimizer: DeepSpeed would build its own optimizer"),
+        ({"scheduler": {"type": "WarmupLR"}}, "deepspeed.config.scheduler: DeepSpeed would build its own scheduler"),
+        ({"zero_optimization": {"stage": 3}}, "deepspeed.config.zero_optimization.stage: 3 contradicts deepspeed.zero_stage (2)"),
+    ],
+)
+def test_plan_refuses_configs_that_would_silently_change_the_algorithm(raw_config, expected):
+    from orchestrator.errors import JobSpecError
+
+    spec = spec_with(optim={"lora_plus_ratio": 16}, deepspeed={"zero_stage": 2, "config": raw_config})
+    with pytest.raises(JobSpecError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        build_plan(spec)
+
+
+def test_lora_plus_groups_carry_the_ratio():
+    from orchestrator.train.model import build_adapted_model
+    from orchestrator.train.optim import check_rates, expected_rates, make_optimizer
+
+    from orchestrator.builtin.models import resolve_model_path
+
+    spec = spec_with(optim={"lr": 1e-4, "lora_plus_ratio": 16, "weight_decay": 0.1})
+    model, _ = build_adapted_model(spec, resolve_model_path("builtin:tiny-llama"), torch.float32)
+    optimizer = make_optimizer(model, spec)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"A", "B"}
+    assert groups["B"]["lr"] == pytest.approx(16 * groups["A"]["lr"]) and groups["A"]["lr"] == 1e-4
+    assert all(".lora_B." in n for n, p in model.named_parameters() if any(p is q for q in groups["B"]["params"]))
+    built = expected_rates(optimizer)
+    check_rates(optimizer, built)
+    optimizer.param_groups[1]["lr"] = optimizer.param_groups[0]["lr"]  # what a lossy ZeRO wrapper would do
+    with pytest.raises(RuntimeError, match="lost the optimizer's per-group learning rates"):
+        check_rates(optimizer, built)

@@ -48,7 +48,19 @@ def _with(section: str, **fields) -> dict:
         (_with("adapter", r=0), "adapter.r: Input should be greater than or equal to 1 (got 0)"),
         (_with("adapter", alpha=0), "adapter.alpha: Input should be greater than 0"),
         (_with("adapter", dropout=1.0), "adapter.dropout: Input should be less than 1"),
-        (_with("adapter", method="dora"), "adapter"),
+        (_with("adapter", method="dora"), "adapter.method: unknown adapter method 'dora'; known methods: delta_lora, lora, lora_fa, vera"),
+        # each method carries only its own options
+        (_with("adapter", method="vera", alpha=16), "adapter.alpha: unknown field"),
+        (_with("adapter", method="lora", project_gradient=True), "adapter.project_gradient: unknown field"),
+        (_with("adapter", method="delta_lora", dropout=0.1), "adapter.dropout: unknown field"),
+        (_with("adapter", method="vera", d_initial=0), "adapter.d_initial: Input should be greater than 0"),
+        (_with("adapter", method="delta_lora", update_ratio=-1), "adapter.update_ratio: Input should be greater than or equal to 0"),
+        ({**_with("adapter", method="delta_lora", start_step=100), "train": {"max_steps": 100}},
+         "adapter.start_step: 100 is not below train.max_steps (100)"),
+        ({**_with("adapter", method="vera"), "optim": {"lora_plus_ratio": 16}},
+         "optim.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, but adapter method 'vera'"),
+        ({**_with("adapter", method="lora_fa"), "optim": {"lora_plus_ratio": 16}}, "adapter method 'lora_fa' does not train both"),
+        (_with("optim", lora_plus_ratio=0), "optim.lora_plus_ratio: Input should be greater than 0"),
         (_with("train", batch_sise=8), "train.batch_sise: unknown field; did you mean 'batch_size'?"),
         (_with("train", max_steps="many"), "train.max_steps: Input should be a valid integer"),
         (_with("train", batch_size=0), "train.batch_size: Input should be greater than or equal to 1"),
@@ -95,3 +107,11 @@ def test_stored_spec_round_trips():
     import yaml
 
     assert validate_spec(yaml.safe_load(spec_to_yaml(spec))) == spec
+
+
+def test_adapter_without_method_is_lora_and_each_method_parses_its_options():
+    assert validate_spec(_with("adapter", r=4)).adapter.method == "lora"
+    spec = validate_spec({**_with("adapter", method="delta_lora", start_step=5, update_ratio=1.5), "optim": {"lora_plus_ratio": 16}})
+    assert (spec.adapter.start_step, spec.adapter.update_ratio, spec.optim.lora_plus_ratio) == (5, 1.5, 16)
+    assert validate_spec(_with("adapter", method="lora_fa", project_gradient=True)).adapter.project_gradient is True
+    assert validate_spec(_with("adapter", method="vera", r=512)).adapter.save_projection is True

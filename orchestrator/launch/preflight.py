@@ -7,6 +7,7 @@ from typing import Any
 
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.builtin.models import resolve_model_path
+from orchestrator.adapters.lora import LowRankSpec
 from orchestrator.errors import PreflightError
 from orchestrator.plan import adapted_linear_shapes
 from orchestrator.spec import JobSpec
@@ -45,7 +46,9 @@ def check_adapter_fits(spec: JobSpec, model_config: Any) -> None:
             f"adapter.target_modules: {spec.adapter.target_modules} match no linear layer of the model "
             f"(its linear layers: {', '.join(names)})"
         )
-    rank = getattr(spec.adapter, "r", None)
+    # A per-layer pair B·A of rank above a layer's dimension wastes parameters and memory. VeRA's
+    # shared random projections are another matter: their rank commonly exceeds the hidden size.
+    rank = spec.adapter.r if isinstance(spec.adapter, LowRankSpec) else None
     smallest = min(min(shape) for shape in shapes.values())
     if rank is not None and rank > smallest:
         raise PreflightError(f"adapter.r: {rank} is larger than the smallest adapted layer dimension ({smallest})")
