@@ -73,6 +73,10 @@ def test_method_under_zero_stage(cell, stage, ray_session, s3_storage_uri, tiny_
     for name, tensor in expected.items():
         torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-2 * step_size,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    ablated = _without_distinctive_rule(cell, spec)
+    if ablated is not None:  # the comparison is sharp enough to see the method's own rule
+        other = replay(ablated, tiny_llama_path, resolve_data_path(spec.data.path)).export(ablated)
+        assert any((trained[n] - other[n]).abs().max() > 1e-2 * step_size for n in other if n in trained)
     assert reference.loss_after < reference.loss_before, "six steps on one batch family must lower its loss"
     changed = [name for name, tensor in trained.items() if not torch.equal(tensor, reference.initial_state[name])]
     assert changed, "nothing trained"
@@ -82,3 +86,14 @@ def test_method_under_zero_stage(cell, stage, ray_session, s3_storage_uri, tiny_
 
     out = orchestrator.export(result.run_uri, tmp_path / "merged", merged=True, echo=print)
     assert (out / "config.json").exists() and not list(out.glob("adapter_*"))
+
+
+def _without_distinctive_rule(cell: str, spec):
+    """The same spec minus what sets the method apart (LoRA+'s ratio, LoRA-FA's projection, Delta-LoRA's λ)."""
+    if cell == "lora+":
+        return spec.model_copy(update={"optim": spec.optim.model_copy(update={"lora_plus_ratio": None})})
+    if cell == "lora_fa":
+        return spec.model_copy(update={"adapter": spec.adapter.model_copy(update={"project_gradient": False})})
+    if cell == "delta_lora+":
+        return spec.model_copy(update={"adapter": spec.adapter.model_copy(update={"update_ratio": 0.0})})
+    return None
