@@ -74,6 +74,8 @@ def _print_plan(plan, as_json: bool) -> int:
         "resources_per_worker": plan.worker_resources,
         "cluster_needs": plan.cluster_needs,
         "global_batch": plan.global_batch,
+        "learning_rates": ({"A": plan.spec.optim.lr, "B": plan.spec.optim.lr * plan.spec.optim.lora_plus_ratio}
+                           if plan.spec.optim.lora_plus_ratio else {"adapter": plan.spec.optim.lr}),
         "adapted_layers": len(plan.adapted_layers),
         "trainable_parameters": plan.trainable_parameters,
         "base_parameters": plan.base_parameters,
