@@ -4,6 +4,7 @@ Public Python API (the CLI is a thin layer over it):
     load_spec(path, overrides) -> JobSpec
     plan(spec) -> Plan            pure: DeepSpeed config, resources, trainable-parameter estimate
     run(spec, local=True, ...) -> RunResult
+    tune(spec, local=True, resume=False) -> TuneResult   Ray Tune search over the spec's tune.space
     export(run_uri, out, merged=False) -> Path   the adapter (PEFT format) or the merged model
 """
 
@@ -28,10 +29,16 @@ def run(spec: JobSpec, **options):
     return _run(spec, **options)
 
 
+def tune(spec: JobSpec, **options):
+    from orchestrator.launch.tune import tune as _tune
+
+    return _tune(spec, **options)
+
+
 def export(run_uri: str, out, **options):
     from orchestrator.launch.export import export as _export
 
     return _export(run_uri, out, **options)
 
 
-__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "export", "load_spec", "plan", "run"]
+__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "export", "load_spec", "plan", "run", "tune"]

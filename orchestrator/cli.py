@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 import orchestrator
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--local", action="store_true", help="single-node test mode: start Ray (and an S3 server) in-process")
     run.add_argument("--run-id", help="name the run; starting an existing run again resumes it")
     run.add_argument("--resume", action="store_true", help="resume the latest run of this job (or --run-id)")
+    tune = job_command("tune", "search hyperparameters with Ray Tune (the job's tune section)")
+    tune.add_argument("--local", action="store_true", help="single-node mode: start Ray (and an S3 server) in-process")
+    tune.add_argument("--resume", action="store_true", help="resume the interrupted search; finished trials are kept")
     export = commands.add_parser("export", help="write a finished run's adapter (PEFT format) or merged model to a directory")
     export.add_argument("run_uri", help="s3://bucket[/prefix]/runs/<job>/<run-id> (as printed by run)")
     export.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
@@ -39,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A plain `kill` would end Python without running any cleanup; make it unwind like Ctrl-C so
+    # the embedded store and the local Ray runtime are shut down.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _dispatch(args)
     except OrchestratorError as error:
@@ -47,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -62,6 +73,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "plan":
         return _print_plan(orchestrator.plan(spec), as_json=args.json)
+    if args.command == "tune":
+        orchestrator.tune(spec, local=args.local, resume=args.resume)
+        return 0
     orchestrator.run(spec, local=args.local, run_id=args.run_id, resume=args.resume)
     return 0
 

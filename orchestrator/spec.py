@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from orchestrator.adapters import all_methods, get_method
 from orchestrator.errors import JobSpecError
+from orchestrator.search_space import SEARCHABLE_SECTIONS, TuneSpec, applies, split_key
 
 
 class _Section(BaseModel):
@@ -133,6 +134,7 @@ class JobSpec(_Section):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    tune: Optional[TuneSpec] = Field(None, description="Hyperparameter search (orchestrator tune); ignored by run.")
 
     @field_validator("name")
     @classmethod
@@ -156,7 +158,75 @@ class JobSpec(_Section):
                 f"adapter.start_step: {start_step} is not below train.max_steps ({self.train.max_steps}), so the "
                 f"Delta-LoRA update would never start; lower it (about a tenth of the run is typical)"
             )
+        if self.tune is not None:
+            check_search(self)
         return self
+
+
+def trial_raw(base: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    """The raw spec of one trial: `base` (a JobSpec dump) with the sampled values that apply to it."""
+    raw = {section: (dict(value) if isinstance(value, dict) else value) for section, value in base.items() if section != "tune"}
+    method = get_method(sampled.get("adapter.method", raw["adapter"].get("method", DEFAULT_METHOD)))
+    fields = set(method.spec.model_fields)
+    if method.name != raw["adapter"].get("method", DEFAULT_METHOD):
+        # Another method: keep the options it shares with the base (r, target_modules, …).
+        raw["adapter"] = {k: v for k, v in raw["adapter"].items() if k in fields} | {"method": method.name}
+    for key, value in sampled.items():
+        path, _ = split_key(key)
+        if path != "adapter.method" and applies(key, method.name, fields):
+            section, field = path.split(".", 1)
+            raw.setdefault(section, {})[field] = value
+    if not method.trains_a_and_b:
+        raw.setdefault("optim", {})["lora_plus_ratio"] = None
+    return raw
+
+
+def check_search(spec: JobSpec) -> None:
+    """Every dimension names a searchable field, applies to some searched method, and each of its
+    extreme values gives a valid trial spec. Raises ValueError naming `tune.space.<key>`."""
+    space = spec.tune.space
+    train = spec.train
+    if train.eval_every == 0 or (train.checkpoint_every and train.checkpoint_every % train.eval_every):
+        raise ValueError("train.eval_every: a search needs evaluations, and checkpoint_every must be a multiple of "
+                         "eval_every, so that every result Tune sees carries eval_loss")
+    base = spec.model_dump(mode="json", exclude={"tune"})
+    known = {m.name for m in all_methods()}
+    method_dim = next((d for k, d in space.items() if split_key(k)[0] == "adapter.method"), None)
+    searched = method_dim.extremes() if method_dim is not None else [spec.adapter.method]
+    unknown = [m for m in searched if m not in known]
+    if unknown:
+        raise ValueError(f"tune.space.adapter.method: unknown adapter method {unknown[0]!r}; known methods: {', '.join(sorted(known))}")
+    for key, dimension in space.items():
+        path, methods = split_key(key)
+        section, _, field = path.partition(".")
+        where = f"tune.space.{key}"
+        if section not in SEARCHABLE_SECTIONS or not field or "." in field:
+            raise ValueError(f"{where}: only fields of {', '.join(SEARCHABLE_SECTIONS)} can be searched (e.g. adapter.r, optim.lr)")
+        if methods is not None:
+            strangers = [m for m in methods if m not in searched]
+            if strangers:
+                raise ValueError(f"{where}: method {strangers[0]!r} is not searched (searched: {', '.join(searched)})")
+        candidates = methods or searched
+        if section == "adapter":
+            lacking = [m for m in candidates if field != "method" and field not in get_method(m).spec.model_fields]
+            if len(lacking) == len(candidates) or (methods and lacking):
+                options = sorted(get_method(lacking[0]).spec.model_fields)
+                guess = difflib.get_close_matches(field, options, n=1)
+                hint = f"; did you mean {guess[0]!r}?" if guess else f"; its fields: {', '.join(options)}"
+                raise ValueError(f"{where}: adapter method {lacking[0]!r} has no field {field!r}{hint}")
+        else:
+            options = list(JobSpec.model_fields[section].annotation.model_fields)
+            if field not in options:
+                guess = difflib.get_close_matches(field, options, n=1)
+                raise ValueError(f"{where}: unknown field{f'; did you mean {guess[0]!r}?' if guess else ''}")
+        for value in dimension.extremes():
+            for method in (candidates if section == "adapter" or methods else searched[:1]):
+                sampled = {"adapter.method": method, key: value} if path != "adapter.method" else {key: value}
+                raw = trial_raw(base, sampled)
+                try:
+                    JobSpec.model_validate(raw)
+                except ValidationError as error:
+                    raise ValueError(f"{where}: value {value!r} gives an invalid trial: {describe_validation_error(error, raw)}") from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:

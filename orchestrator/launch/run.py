@@ -101,12 +101,7 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
         else:
             echo(f"new run {layout.uri}")
         storage.write_text(layout.spec, spec_to_yaml(spec))
-        config = {
-            "spec": spec.model_dump(mode="json"), "job": spec.name, "run_id": layout.run_id,
-            "storage_uri": storage_uri, "endpoint_url": spec.storage.endpoint_url,
-            "model_path": resolved.model_path, "data_path": resolved.data_path,
-            "eval_data_path": resolved.eval_data_path,
-        }
+        config = worker_config(spec, layout, storage_uri, resolved)
         with ray_runtime(spec, local):
             events = _fit(spec, config, storage, layout, echo)
         summary = _completed_summary(storage, layout)
@@ -126,29 +121,44 @@ def _completed_summary(storage, layout: RunLayout) -> dict | None:
         return None
 
 
-def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[dict]:
+def worker_config(spec: JobSpec, layout: RunLayout, storage_uri: str, resolved) -> dict[str, Any]:
+    """What every worker needs: the validated spec, resolved paths, and where the run lives."""
+    return {
+        "spec": spec.model_dump(mode="json"), "job": layout.job, "run_id": layout.run_id, "layout_root": layout.root,
+        "storage_uri": storage_uri, "endpoint_url": spec.storage.endpoint_url,
+        "model_path": resolved.model_path, "data_path": resolved.data_path, "eval_data_path": resolved.eval_data_path,
+    }
+
+
+def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callbacks: tuple = ()):
+    """One TorchTrainer for one run (or one search trial); Ray Train keeps its state under checkpoints/."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.train.loop import train_loop
 
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=layout.checkpoints_dir.rsplit("/", 1)[0],
+            storage_filesystem=storage.pyarrow_filesystem(),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[dict]:
     with ProgressPrinter(echo) as progress:
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={**config, "progress": progress.queue},
-            scaling_config=ScalingConfig(
-                num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name="checkpoints",
-                storage_path=layout.checkpoints_dir.rsplit("/", 1)[0],
-                storage_filesystem=storage.pyarrow_filesystem(),
-                checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=spec.train.max_failures),
-                logging_config=LoggingConfig(log_level="WARNING"),
-            ),
-        )
+        trainer = build_trainer(spec, {**config, "progress": progress.queue}, layout, storage)
         try:
             trainer.fit()
         except Exception as error:

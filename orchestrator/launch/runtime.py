@@ -50,8 +50,12 @@ def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
 
 
 @contextmanager
-def ray_runtime(spec: JobSpec, local: bool) -> Iterator[None]:
-    """Use a running Ray; else start one in-process (local) or connect to RAY_ADDRESS."""
+def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0) -> Iterator[None]:
+    """Use a running Ray; else start one in-process (local) or connect to RAY_ADDRESS.
+
+    `idle_driver_slots`: extra CPUs declared in local mode for processes that mostly wait (Tune's
+    trial drivers each take 0.01 CPU, which would otherwise leave the last worker CPU unusable).
+    """
     import ray
 
     if ray.is_initialized():
@@ -60,7 +64,7 @@ def ray_runtime(spec: JobSpec, local: bool) -> Iterator[None]:
     if local:
         cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, cpus_needed),
+            num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots,
             # The dashboard serves the state API that Train V2's PlacementGroupCleaner polls.
             include_dashboard=True,
             logging_level="WARNING",

@@ -30,10 +30,12 @@ class RunLayout:
     storage: Storage
     job: str
     run_id: str
+    # runs/<job>/<run-id> for a run; tune/<search>/trials/<trial-id> for a search trial.
+    root: str = "runs"
 
     @property
     def run_dir(self) -> str:
-        return self.storage.path("runs", self.job, self.run_id)
+        return self.storage.path(self.root, self.job, self.run_id)
 
     def file(self, name: str) -> str:
         return f"{self.run_dir}/{name}"
@@ -67,7 +69,7 @@ class RunLayout:
 
     @property
     def uri(self) -> str:
-        return f"{self.storage.uri}/runs/{self.job}/{self.run_id}"
+        return f"{self.storage.uri}/{self.root}/{self.job}/{self.run_id}"
 
 
 def job_run_ids(storage: Storage, job: str) -> list[str]:

@@ -41,6 +41,15 @@ def exported_env(variables: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask for SIGTERM when the parent dies, so a killed driver
+    never leaves a server running (elsewhere the normal shutdown path is the only one)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def weed_binary() -> str:
     beside_python = Path(sys.prefix) / "bin" / "weed"
     found = str(beside_python) if beside_python.exists() else shutil.which("weed")
@@ -88,7 +97,7 @@ class EmbeddedObjectStore:
         with open(self._log_path, "ab") as log:
             self._process = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent,
             )
         self._wait_until_serving(timeout_s)
         return self

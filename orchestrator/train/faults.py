@@ -1,11 +1,12 @@
 """Fault injection for reliability tests: make rank 0 fail once after a given step of a given run.
 
-Off unless ORCHESTRATOR_FAULTS names a JSON file {run_id: step}. Each entry fires once (it is removed
+Off unless ORCHESTRATOR_FAULTS names a JSON file {run id or pattern: step}. Each entry fires once (it is removed
 before the failure), so the restarted worker group trains on: that is the point of the test.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -20,9 +21,11 @@ def maybe_fail(run_id: str, step: int, rank: int) -> None:
     if not path or rank != 0 or not Path(path).exists():
         return
     faults = json.loads(Path(path).read_text() or "{}")
-    if faults.get(run_id) != step:
+    # Keys are run ids or shell patterns (a search trial's id is only known once it runs).
+    key = next((k for k, at in faults.items() if at == step and fnmatch.fnmatchcase(run_id, k)), None)
+    if key is None:
         return
-    del faults[run_id]
+    del faults[key]
     Path(path).write_text(json.dumps(faults))
     raise InjectedFault(f"injected fault after step {step} of run {run_id}")
 

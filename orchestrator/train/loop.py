@@ -31,6 +31,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from orchestrator.builtin import cache_home
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
+    _clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     # Progress reaches the console through the driver; per-report INFO lines would drown it.
     for noisy in ("botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -203,6 +204,18 @@ def _window_metrics(window: dict, device) -> dict:
     metrics = {"loss": float(totals[0] / totals[1]), "tokens_per_s": float(totals[2] / elapsed), "tokens": int(totals[2])}
     window.update(loss_sum=0.0, micro_steps=0, tokens=0, started=time.perf_counter())
     return metrics
+
+
+def _clear_stale_build_locks(extensions_dir: Path, max_age_s: float = 180.0) -> None:
+    """A process killed while DeepSpeed JIT-builds its CPU op leaves torch's build lock behind, and
+    every later worker waits on it forever. A build takes ~30 s: an older lock is stale."""
+    for lock in extensions_dir.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                logging.getLogger(__name__).warning("removed a stale extension build lock: %s", lock)
+        except FileNotFoundError:
+            pass
 
 
 def _quiet_ray_report_log() -> None:

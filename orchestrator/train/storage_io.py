@@ -41,7 +41,7 @@ class RunStorage:
     @classmethod
     def open(cls, config: dict[str, Any]) -> "RunStorage":
         storage = open_storage(config["storage_uri"], config.get("endpoint_url"))
-        return cls(storage, RunLayout(storage, config["job"], config["run_id"]))
+        return cls(storage, RunLayout(storage, config["job"], config["run_id"], config.get("layout_root", "runs")))
 
     def complete_checkpoints(self) -> list[int]:
         """Steps of checkpoints whose manifest exists and whose files are all present, newest first."""

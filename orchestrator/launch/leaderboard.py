@@ -1,0 +1,120 @@
+"""What a finished search leaves in storage: leaderboard.csv/.md, curves.png, best/ and search.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec import JobSpec
+from orchestrator.storage.layout import RunLayout
+from orchestrator.storage.manifest import build_manifest, is_complete, read_manifest, sha256_bytes, write_manifest
+
+
+def trial_rows(spec: JobSpec, results, keys: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per trial, best first: rank, params, best metric, steps run, stopped early, wall time."""
+    metric, better = spec.tune.metric, (min if spec.tune.mode == "min" else max)
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        history = [] if frame is None or metric not in frame else [
+            (int(step), float(value)) for step, value in zip(frame["step"], frame[metric]) if not math.isnan(value)
+        ]
+        steps = int(frame["step"].max()) if frame is not None and "step" in frame else 0
+        metrics = result.metrics or {}
+        rows.append({
+            "trial": metrics.get("trial_id") or Path(result.path).name.split("_")[-2],
+            "params": {keys.get(k, k): v for k, v in (result.config or {}).items()},
+            f"best_{metric}": better(v for _, v in history) if history else None,
+            "steps": steps,
+            "stopped_early": result.error is None and steps < spec.train.max_steps,
+            "status": "error" if result.error is not None else "complete",
+            "wall_s": round(float(metrics.get("time_total_s", 0.0)), 1),
+            "history": history,
+        })
+    worst = math.inf if spec.tune.mode == "min" else -math.inf
+    rows.sort(key=lambda r: r[f"best_{metric}"] if r[f"best_{metric}"] is not None else worst, reverse=spec.tune.mode == "max")
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def publish(spec: JobSpec, search: str, storage, search_dir: str, fitted, echo) -> tuple[list[dict], dict]:
+    results, keys = fitted
+    rows = trial_rows(spec, results, keys)
+    metric = f"best_{spec.tune.metric}"
+    files = {
+        "leaderboard.csv": _csv(rows, metric).encode(),
+        "leaderboard.md": _markdown(rows, metric, search).encode(),
+        "curves.png": _plot(rows, spec.tune.metric, search),
+    }
+    for name, data in files.items():
+        storage.write_bytes(f"{search_dir}/{name}", data)
+    best = next((row for row in rows if row[metric] is not None), None)
+    if best is not None:
+        best["adapter_from"] = _copy_best_adapter(storage, search, search_dir, best["trial"])
+        storage.write_text(f"{search_dir}/best/best.json", json.dumps({k: v for k, v in best.items() if k != "history"}, indent=2, default=str))
+        echo(f"best trial {best['trial']}: {spec.tune.metric} {best[metric]:.4f} with {best['params']}; adapter in {storage.uri}/tune/{search}/best")
+    digests = {name: sha256_bytes(data) for name, data in files.items()}
+    write_manifest(storage, search_dir, build_manifest(digests, search=search, trials=len(rows), best=best and best["trial"]))
+    echo(f"leaderboard: {storage.uri}/tune/{search}/leaderboard.md")
+    return rows, best or {}
+
+
+def _copy_best_adapter(storage, search: str, search_dir: str, trial_id: str) -> str:
+    """The trial's final adapter, or (if ASHA stopped it) the adapter of its last complete checkpoint."""
+    layout = RunLayout(storage, f"{search}/trials", trial_id, root="tune")
+    source = layout.adapter_dir if read_manifest(storage, layout.run_dir) else None
+    if source is None:
+        steps = [s for s in reversed(layout.checkpoint_steps()) if is_complete(storage, layout.checkpoint(s))]
+        if not steps:
+            return "none (no complete checkpoint)"
+        source = f"{layout.checkpoint(steps[0])}/adapter"
+    with tempfile.TemporaryDirectory() as scratch:
+        storage.download_dir(source, scratch)
+        storage.upload_dir(scratch, f"{search_dir}/best/adapter")
+    return source
+
+
+def _csv(rows: list[dict], metric: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["rank", "trial", "params", metric, "steps", "stopped_early", "status", "wall_s"])
+    for r in rows:
+        writer.writerow([r["rank"], r["trial"], json.dumps(r["params"]), r[metric], r["steps"], r["stopped_early"], r["status"], r["wall_s"]])
+    return out.getvalue()
+
+
+def _markdown(rows: list[dict], metric: str, search: str) -> str:
+    lines = [f"# Search {search}", "", f"| rank | trial | params | {metric} | steps | stopped early | status | wall s |",
+             "|---:|---|---|---:|---:|---|---|---:|"]
+    for r in rows:
+        value = f"{r[metric]:.4f}" if r[metric] is not None else "–"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        lines.append(f"| {r['rank']} | {r['trial']} | {params} | {value} | {r['steps']} | {'yes' if r['stopped_early'] else 'no'} | {r['status']} | {r['wall_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], metric: str, search: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
+    for r in rows:
+        if r["history"]:
+            steps, values = zip(*r["history"])
+            axes.plot(steps, values, marker="o", label=f"#{r['rank']} {r['trial']}")
+    axes.set(xlabel="step", ylabel=metric, title=f"search {search}: {metric} per trial")
+    axes.grid(alpha=0.3)
+    if any(r["history"] for r in rows):
+        axes.legend(fontsize=7)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

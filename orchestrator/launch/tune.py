@@ -1,0 +1,137 @@
+"""`orchestrator tune`: a Ray Tune search whose trials are ordinary runs, stored under tune/<search>/.
+
+Each trial is a Tune *function* trainable that builds one TorchTrainer (Train V2 does not accept a
+trainer inside `tune.Tuner`) with TuneReportCallback, so the workers' eval_loss reaches Tune's
+scheduler. A trial that ASHA stops is killed inside `trainer.fit()`: everything a trial must leave
+behind (checkpoints, adapter) is written by the worker loop itself, never after `fit()` returns.
+
+tune/<search>/
+  tuner/                 Tune's own state (what `--resume` restores)
+  trials/<trial-id>/     one run each: spec.yaml, params.json, checkpoints/, adapter/, manifest.json …
+  leaderboard.csv, leaderboard.md, curves.png, best/ (the best trial's adapter and best.json),
+  manifest.json (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import JobSpecError, OrchestratorError
+from orchestrator.launch.preflight import preflight
+from orchestrator.launch.run import build_trainer, worker_config
+from orchestrator.launch.runtime import ray_runtime, storage_for
+from orchestrator.search_space import trial_count
+from orchestrator.spec import JobSpec, spec_to_yaml, trial_raw, validate_spec
+from orchestrator.storage.fs import open_storage
+from orchestrator.storage.layout import RunLayout
+
+# A trial's own driver needs almost nothing; {"CPU": 0} is refused by Tune.
+_TRIAL_DRIVER_CPU = 0.01
+
+
+@dataclass
+class TuneResult:
+    search_uri: str
+    leaderboard: list[dict[str, Any]]
+    best: dict[str, Any]
+
+
+def max_concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
+    """As many trials as the cluster holds at once (each: its workers plus a tiny driver share)."""
+    per_trial_cpu = spec.scaling.num_workers * spec.scaling.cpus_per_worker + _TRIAL_DRIVER_CPU
+    fits = math.floor(cluster.get("CPU", 0) / per_trial_cpu)
+    if spec.scaling.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / spec.scaling.num_workers))
+    if fits < 1:
+        raise OrchestratorError(
+            f"scaling: one trial needs {per_trial_cpu:g} CPUs"
+            + (f" and {spec.scaling.num_workers} GPUs" if spec.scaling.use_gpu else "")
+            + f" but the Ray cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs"
+        )
+    wanted = spec.tune.max_concurrent_trials or fits
+    return max(1, min(wanted, fits, trial_count(spec.tune)))
+
+
+def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
+    """The Tune trainable: one trial = one TorchTrainer run under tune/<search>/trials/<trial-id>/."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    values = {context["keys"][name]: value for name, value in sampled.items()}
+    spec = validate_spec(trial_raw(context["base"], values), source=f"trial {values}")
+    trial_id = tune.get_context().get_trial_id()
+    storage = open_storage(context["storage_uri"], spec.storage.endpoint_url)
+    layout = RunLayout(storage, f"{context['search']}/trials", trial_id, root="tune")
+    if not storage.exists(layout.spec):
+        storage.write_text(layout.spec, spec_to_yaml(spec))
+        storage.write_text(layout.file("params.json"), json.dumps(values, indent=2))
+    config = worker_config(spec, layout, context["storage_uri"], context["resolved"])
+    build_trainer(spec, config, layout, storage, callbacks=(TuneReportCallback(),)).fit()
+
+
+def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print) -> TuneResult:
+    """Run (or resume) the spec's search; returns the leaderboard, best first."""
+    from orchestrator.launch.leaderboard import publish
+
+    if spec.tune is None:
+        raise JobSpecError("tune: this job has no tune section (a search space, num_samples, scheduler)")
+    resolved = preflight(spec)
+    search = spec.tune.name or spec.name
+    with storage_for(spec, local, echo) as storage_uri:
+        storage = open_storage(storage_uri, spec.storage.endpoint_url)
+        storage.check_writable()
+        search_dir = storage.path("tune", search)
+        with ray_runtime(spec, local, idle_driver_slots=1):
+            results = _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo)
+            leaderboard, best = publish(spec, search, storage, search_dir, results, echo)
+    return TuneResult(f"{storage.uri}/tune/{search}", leaderboard, best)
+
+
+def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo):
+    import ray
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from orchestrator.launch.tune_progress import SearchProgress, set_sink
+
+    set_sink(echo)
+
+    keys = {f"p{i}": key for i, key in enumerate(spec.tune.space)}  # Tune-safe names for dotted keys
+    context = {"keys": keys, "base": spec.model_dump(mode="json", exclude={"tune"}), "search": search,
+               "storage_uri": storage_uri, "resolved": resolved}
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context), {"CPU": _TRIAL_DRIVER_CPU})
+    fs = storage.pyarrow_filesystem()
+    tuner_path = f"{search_dir}/tuner"
+    if resume:
+        if not ray_tune.Tuner.can_restore(tuner_path, storage_filesystem=fs):
+            raise OrchestratorError(f"--resume: no search {search!r} to resume in {storage.uri}")
+        echo(f"resuming search {storage.uri}/tune/{search} (finished trials are kept)")
+        tuner = ray_tune.Tuner.restore(tuner_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    else:
+        if storage.exists(f"{search_dir}/manifest.json") or ray_tune.Tuner.can_restore(tuner_path, storage_filesystem=fs):
+            raise OrchestratorError(f"tune.name: search {search!r} already exists in {storage.uri}; use --resume or another tune.name")
+        options = spec.tune.scheduler
+        scheduler = (ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
+                                   grace_period=options.grace_period or spec.train.eval_every,
+                                   reduction_factor=options.reduction_factor)
+                     if options.type == "asha" else FIFOScheduler())
+        concurrency = max_concurrent_trials(spec, ray.cluster_resources())
+        echo(f"search {search}: {trial_count(spec.tune)} trials, up to {concurrency} at once, {options.type} on {spec.tune.metric}")
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space={name: spec.tune.space[key].to_tune() for name, key in keys.items()},
+            tune_config=ray_tune.TuneConfig(
+                metric=spec.tune.metric, mode=spec.tune.mode, scheduler=scheduler, num_samples=spec.tune.num_samples,
+                search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.tune.seed),
+            ),
+            run_config=ray_tune.RunConfig(
+                name="tuner", storage_path=search_dir, storage_filesystem=fs, verbose=0,
+                callbacks=[SearchProgress(keys, spec.tune.metric, spec.tune.mode, spec.train.max_steps)],
+            ),
+        )
+    results = tuner.fit()
+    return results, keys

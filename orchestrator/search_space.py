@@ -1,0 +1,111 @@
+"""The `tune:` section of a job: a search space over spec fields by dotted path, and how trials run.
+
+A dimension key is a dotted spec path, optionally limited to some adapter methods with `@`:
+    adapter.r@lora,lora_fa: {choice: [8, 16, 32]}
+    adapter.r@vera:         {choice: [256, 512]}
+    optim.lr:               {loguniform: [1.0e-4, 1.0e-2]}
+    adapter.method:         {choice: [lora, lora_fa, vera]}
+A dimension applies to a trial only if the trial's method has that field (and is listed after `@`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The sections a search may vary; the model, data, storage and workers define the job itself.
+SEARCHABLE_SECTIONS = ("adapter", "optim", "train", "deepspeed")
+
+
+class Dimension(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    choice: Optional[list[Any]] = Field(None, description="Pick one of these values.")
+    grid: Optional[list[Any]] = Field(None, description="Try every value (the whole grid is run num_samples times).")
+    uniform: Optional[tuple[float, float]] = Field(None, description="[low, high], uniform.")
+    loguniform: Optional[tuple[float, float]] = Field(None, description="[low, high], uniform in log space (low > 0).")
+    randint: Optional[tuple[int, int]] = Field(None, description="[low, high], integers, both ends included.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Dimension":
+        kinds = [name for name in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, name) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, grid, uniform, loguniform, randint")
+        for kind in ("choice", "grid"):
+            if getattr(self, kind) is not None and not getattr(self, kind):
+                raise ValueError(f"{kind} must not be empty")
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds is not None:
+            low, high = bounds
+            if not low < high and not (self.randint and low == high):
+                raise ValueError(f"bounds must be [low, high] with low < high (got [{low}, {high}])")
+            if self.loguniform and low <= 0:
+                raise ValueError(f"loguniform needs low > 0 (got {low})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, name) is not None)
+
+    def extremes(self) -> list[Any]:
+        """Values that bound what the dimension can produce: every choice, or both ends."""
+        return list(getattr(self, self.kind))
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.choice is not None:
+            return tune.choice(self.choice)
+        if self.grid is not None:
+            return tune.grid_search(self.grid)
+        if self.uniform is not None:
+            return tune.uniform(*self.uniform)
+        if self.loguniform is not None:
+            return tune.loguniform(*self.loguniform)
+        return tune.randint(self.randint[0], self.randint[1] + 1)
+
+
+class SchedulerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["asha", "fifo"] = Field("asha", description="asha stops poor trials early; fifo runs all to the end.")
+    grace_period: Optional[int] = Field(None, ge=1, description="Steps before ASHA may stop a trial (default: train.eval_every).")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung.")
+
+
+class TuneSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Search name (default: the job name); stored under tune/<name>/.")
+    space: dict[str, Dimension] = Field(min_length=1, description="Dotted spec path (optionally @method,…) → dimension.")
+    num_samples: int = Field(4, ge=1, description="Trials to run (with grid dimensions: repeats of the whole grid).")
+    max_concurrent_trials: Optional[int] = Field(None, ge=1, description="Default and upper bound: what the cluster holds at once.")
+    metric: Literal["eval_loss", "loss"] = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    search: Literal["random"] = Field("random", description="Search algorithm.")
+    seed: int = Field(0, description="Seed of the sampler, so a search is reproducible.")
+
+
+def trial_count(tune_spec: TuneSpec) -> int:
+    """num_samples, times the size of every grid dimension."""
+    count = tune_spec.num_samples
+    for dimension in tune_spec.space.values():
+        count *= len(dimension.grid) if dimension.grid is not None else 1
+    return count
+
+
+def split_key(key: str) -> tuple[str, Optional[list[str]]]:
+    """`adapter.r@lora,vera` → ("adapter.r", ["lora", "vera"])."""
+    path, _, methods = key.partition("@")
+    return path, ([m.strip() for m in methods.split(",") if m.strip()] if methods else None)
+
+
+def applies(key: str, method_name: str, method_fields: set[str]) -> bool:
+    """Whether dimension `key` applies to a trial whose adapter method is `method_name`."""
+    path, methods = split_key(key)
+    if methods is not None and method_name not in methods:
+        return False
+    section, _, field = path.partition(".")
+    return section != "adapter" or field == "method" or field in method_fields

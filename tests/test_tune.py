@@ -1,0 +1,152 @@
+"""Search: the space is validated before anything starts; a real local search with ASHA on 2 CPUs
+stops poor trials early, publishes a leaderboard, curves and the best adapter; --resume reruns only
+what did not finish."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+
+import orchestrator
+from orchestrator.errors import JobSpecError, OrchestratorError
+from orchestrator.launch.tune import max_concurrent_trials
+from orchestrator.spec import trial_raw, validate_spec
+from orchestrator.storage.fs import open_storage
+from orchestrator.train.faults import schedule_fault
+
+BASE = {"name": "s", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"},
+        "train": {"max_steps": 20, "eval_every": 5, "checkpoint_every": 10}}
+
+
+def with_space(space: dict, **tune) -> dict:
+    return {**BASE, "tune": {"space": space, **tune}}
+
+
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        ({"adapter.rank": {"choice": [4]}}, "tune.space.adapter.rank: adapter method 'lora' has no field 'rank'"),
+        ({"optim.lrr": {"choice": [1e-3]}}, "tune.space.optim.lrr: unknown field; did you mean 'lr'?"),
+        ({"model.path": {"choice": ["x"]}}, "tune.space.model.path: only fields of adapter, optim, train, deepspeed can be searched"),
+        ({"adapter.r": {"choice": []}}, "tune.space.adapter.r: choice must not be empty"),
+        ({"optim.lr": {"loguniform": [0, 1e-3]}}, "tune.space.optim.lr: loguniform needs low > 0"),
+        ({"optim.lr": {"uniform": [1e-3, 1e-4]}}, "tune.space.optim.lr: bounds must be [low, high] with low < high"),
+        ({"optim.lr": {"uniform": [1e-4, 1e-3], "choice": [1]}}, "give exactly one of choice, grid, uniform, loguniform, randint"),
+        ({"adapter.r": {"choice": [0, 8]}}, "tune.space.adapter.r: value 0 gives an invalid trial: adapter.r: Input should be greater than or equal to 1"),
+        ({"adapter.method": {"choice": ["lora", "dora"]}}, "tune.space.adapter.method: unknown adapter method 'dora'"),
+        ({"adapter.method": {"choice": ["lora", "vera"]}, "adapter.d_initial@lora": {"choice": [0.1]}},
+         "tune.space.adapter.d_initial@lora: adapter method 'lora' has no field 'd_initial'"),
+        ({"adapter.r@vera": {"choice": [256]}}, "tune.space.adapter.r@vera: method 'vera' is not searched"),
+        ({"adapter.project_gradient": {"choice": [True]}}, "adapter method 'lora' has no field 'project_gradient'"),
+    ],
+)
+def test_invalid_spaces_fail_before_launch(space, expected):
+    with pytest.raises(JobSpecError) as error:
+        validate_spec(with_space(space), source="search.yaml")
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_search_needs_evaluations_that_line_up_with_checkpoints():
+    raw = with_space({"optim.lr": {"choice": [1e-3]}})
+    raw["train"] = {**raw["train"], "checkpoint_every": 7}
+    with pytest.raises(JobSpecError, match="checkpoint_every must be a multiple of eval_every"):
+        validate_spec(raw)
+
+
+def test_method_conditional_dimensions_apply_only_where_they_exist():
+    spec = validate_spec(with_space({
+        "adapter.method": {"choice": ["lora", "lora_fa", "vera"]},
+        "adapter.r@lora,lora_fa": {"choice": [4, 8]},
+        "adapter.r@vera": {"choice": [256, 512]},
+        "optim.lora_plus_ratio": {"loguniform": [1, 32]},
+        "adapter.dropout": {"choice": [0.0, 0.1]},
+    }))
+    base = spec.model_dump(mode="json", exclude={"tune"})
+    vera = validate_spec(trial_raw(base, {"adapter.method": "vera", "adapter.r@lora,lora_fa": 4, "adapter.r@vera": 512,
+                                          "optim.lora_plus_ratio": 8.0, "adapter.dropout": 0.1}))
+    assert (vera.adapter.method, vera.adapter.r, vera.optim.lora_plus_ratio) == ("vera", 512, None)
+    lora_fa = validate_spec(trial_raw(base, {"adapter.method": "lora_fa", "adapter.r@lora,lora_fa": 4,
+                                             "adapter.r@vera": 512, "optim.lora_plus_ratio": 8.0}))
+    assert (lora_fa.adapter.r, lora_fa.optim.lora_plus_ratio) == (4, None)
+    lora = validate_spec(trial_raw(base, {"adapter.method": "lora", "adapter.r@lora,lora_fa": 8, "optim.lora_plus_ratio": 8.0}))
+    assert (lora.adapter.r, lora.optim.lora_plus_ratio) == (8, 8.0)
+
+
+def test_concurrency_is_what_the_cluster_holds():
+    spec = validate_spec({**with_space({"optim.lr": {"choice": [1e-3]}}, num_samples=8), "scaling": {"num_workers": 2}})
+    assert max_concurrent_trials(spec, {"CPU": 16}) == 7          # 7 × (2 + 0.01) ≤ 16
+    assert max_concurrent_trials(spec, {"CPU": 3}) == 1
+    with pytest.raises(OrchestratorError, match="one trial needs 2.01 CPUs but the Ray cluster has 1 CPUs"):
+        max_concurrent_trials(spec, {"CPU": 1})
+    gpu = validate_spec({**with_space({"optim.lr": {"choice": [1e-3]}}, num_samples=8, max_concurrent_trials=3),
+                         "scaling": {"num_workers": 2, "use_gpu": True}})
+    assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 8}) == 3
+    assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 2}) == 1
+
+
+@pytest.mark.slow
+def test_local_search_with_asha_leaderboard_plot_best_adapter_and_resume(ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path):
+    spec = validate_spec({
+        **BASE,
+        "data": {"path": "builtin:arithmetic", "max_length": 24},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "optim": {"lr": 3e-3, "scheduler": "constant"},
+        "train": {"max_steps": 30, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "checkpoint_every": 10,
+                  "log_every": 10, "max_failures": 0},
+        "scaling": {"num_workers": 1},
+        "storage": {"uri": s3_storage_uri},
+        # A grid runs in a fixed order, so a poor trial (lr 1e-5) always meets a better one at ASHA's rungs.
+        "tune": {"name": "asha", "num_samples": 1,
+                 "space": {"adapter.method": {"grid": ["lora", "lora_fa"]}, "optim.lr": {"grid": [5e-3, 1e-5]}},
+                 "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2}},
+    })
+    # The first trial dies once after step 10 (always past ASHA's first rung: nothing to compare with yet).
+    schedule_fault(faults_file, "*_00000", step=10)
+    lines: list[str] = []
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        print(line)
+
+    first = orchestrator.tune(spec, echo=echo)
+    statuses = {row["trial"]: row["status"] for row in first.leaderboard}
+    assert len(statuses) == 4 and list(statuses.values()).count("error") == 1, first.leaderboard
+
+    resumed_lines: list[str] = []
+
+    def echo_resumed(line: str) -> None:
+        resumed_lines.append(line)
+        print(line)
+
+    result = orchestrator.tune(spec, resume=True, echo=echo_resumed)
+    restarted = [line for line in resumed_lines if line.startswith("trial ") and " started" in line]
+    assert len(restarted) == 1 and "_00000" in restarted[0], "only the interrupted trial runs again"
+    rows = result.leaderboard
+    assert [row["status"] for row in rows] == ["complete"] * 4
+    assert any(row["stopped_early"] for row in rows), "ASHA stopped no trial"
+    assert {row["steps"] for row in rows} <= {10, 20, 30} and max(row["steps"] for row in rows) == 30
+    assert rows[0]["best_eval_loss"] <= min(r["best_eval_loss"] for r in rows)
+
+    storage = open_storage(s3_storage_uri)
+    search_dir = storage.path("tune", "asha")
+    table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{search_dir}/leaderboard.csv").decode())))
+    assert len(table) == 4 and all(json.loads(r["params"]).keys() == {"adapter.method", "optim.lr"} for r in table)
+    png = storage.read_bytes(f"{search_dir}/curves.png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| rank | trial |" in storage.read_bytes(f"{search_dir}/leaderboard.md").decode()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    local = tmp_path / "best"
+    storage.download_dir(f"{search_dir}/best/adapter", local)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path), str(local))
+    assert model(input_ids=torch.arange(3, 12)[None]).logits.isfinite().all()
+    assert json.loads(storage.read_bytes(f"{search_dir}/best/best.json"))["trial"] == rows[0]["trial"]
+
+    with pytest.raises(OrchestratorError, match="already exists"):
+        orchestrator.tune(spec, echo=lines.append)
