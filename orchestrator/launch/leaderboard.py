@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator.spec import JobSpec
 from orchestrator.storage.layout import RunLayout
-from orchestrator.storage.manifest import build_manifest, is_complete, read_manifest, sha256_bytes, write_manifest
+from orchestrator.storage.manifest import build_manifest, read_manifest, sha256_bytes, write_manifest
 
 
 def trial_rows(spec: JobSpec, results, keys: dict[str, str]) -> list[dict[str, Any]]:
@@ -70,7 +70,7 @@ def _copy_best_adapter(storage, search: str, search_dir: str, trial_id: str) -> 
     layout = RunLayout(storage, f"{search}/trials", trial_id, root="tune")
     source = layout.adapter_dir if read_manifest(storage, layout.run_dir) else None
     if source is None:
-        steps = [s for s in reversed(layout.checkpoint_steps()) if is_complete(storage, layout.checkpoint(s))]
+        steps = layout.complete_checkpoints()
         if not steps:
             return "none (no complete checkpoint)"
         source = f"{layout.checkpoint(steps[0])}/adapter"

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from orchestrator.storage.fs import Storage
+from orchestrator.storage.manifest import is_complete
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -66,6 +67,10 @@ class RunLayout:
     def checkpoint_steps(self) -> list[int]:
         steps = (checkpoint_step(name) for name in self.storage.list_dirs(self.checkpoints_dir))
         return sorted(step for step in steps if step is not None)
+
+    def complete_checkpoints(self) -> list[int]:
+        """Steps of checkpoints whose manifest exists and whose files are all present, newest first."""
+        return [step for step in reversed(self.checkpoint_steps()) if is_complete(self.storage, self.checkpoint(step))]
 
     @property
     def uri(self) -> str:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from orchestrator.storage.fs import Storage, open_storage
 from orchestrator.storage.layout import RunLayout, checkpoint_dir_name
 from orchestrator.storage.manifest import (
-    MANIFEST_NAME, build_manifest, hash_local_dir, is_complete, read_manifest, sha256_bytes,
+    MANIFEST_NAME, build_manifest, hash_local_dir, read_manifest, sha256_bytes,
     verify_local_copy, write_manifest,
 )
 from orchestrator.train.checkpoint import load_training_state
@@ -43,14 +43,9 @@ class RunStorage:
         storage = open_storage(config["storage_uri"], config.get("endpoint_url"))
         return cls(storage, RunLayout(storage, config["job"], config["run_id"], config.get("layout_root", "runs")))
 
-    def complete_checkpoints(self) -> list[int]:
-        """Steps of checkpoints whose manifest exists and whose files are all present, newest first."""
-        steps = self.layout.checkpoint_steps()
-        return [step for step in reversed(steps) if is_complete(self.storage, self.layout.checkpoint(step))]
-
     def resume(self, engine, rank: int, world: int) -> tuple[int, list[dict]]:
         """Load the newest intact checkpoint into `engine`; returns (step, metrics history). Collective."""
-        candidates = _broadcast(self.complete_checkpoints() if rank == 0 else None)
+        candidates = _broadcast(self.layout.complete_checkpoints() if rank == 0 else None)
         for step in candidates:
             remote = self.layout.checkpoint(step)
             local = Path(tempfile.mkdtemp(prefix=f"orchestrator-resume-rank{rank}-"))
