@@ -6,6 +6,7 @@ Public Python API (the CLI is a thin layer over it):
     run(spec, local=True, ...) -> RunResult
     tune(spec, local=True, resume=False) -> TuneResult   Ray Tune search over the spec's tune.space
     export(run_uri, out, merged=False) -> Path   the adapter (PEFT format) or the merged model
+    submit(spec, address=None, tune=False, follow=False, ...) -> Submission   a Ray job on a running cluster
 """
 
 from orchestrator.errors import JobSpecError, OrchestratorError, PreflightError, StorageError
@@ -41,4 +42,10 @@ def export(run_uri: str, out, **options):
     return _export(run_uri, out, **options)
 
 
-__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "export", "load_spec", "plan", "run", "tune"]
+def submit(spec: JobSpec, **options):
+    from orchestrator.launch.submit import submit as _submit
+
+    return _submit(spec, **options)
+
+
+__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "export", "load_spec", "plan", "run", "submit", "tune"]

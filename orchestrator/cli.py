@@ -38,7 +38,31 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", action="store_true", help="merge the adapter into the base model (save_pretrained)")
     export.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL; local-mode runs use the embedded store)")
     commands.add_parser("schema", help="print the job spec's JSON Schema")
+    _cluster_commands(commands, job_command)
     return parser
+
+
+def _cluster_commands(commands, job_command) -> None:
+    def with_address(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (else RAY_ADDRESS)")
+        return sub
+
+    submit = with_address(job_command("submit", "submit a run (or with --tune a search) to a running Ray cluster"))
+    submit.add_argument("--tune", action="store_true", help="submit the job's search instead of a single run")
+    submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit with its status")
+    submit.add_argument("--run-id", help="name the run (default: a new timestamped id)")
+    submit.add_argument("--resume", action="store_true", help="resume the latest run of this job (or --run-id), or the search")
+    submit.add_argument("--runtime-env", metavar="FILE", help="YAML/JSON merged over the job's runtime env (pip, py_modules, env_vars, …)")
+    submit.add_argument("--cluster-credentials", action="store_true",
+                        help="do not send this machine's AWS/HF credentials; the cluster's own role reaches the store")
+    with_address(commands.add_parser("list", help="jobs on the cluster, newest first")).add_argument(
+        "--all", action="store_true", help="include jobs not submitted by orchestrator")
+    with_address(commands.add_parser("status", help="a submitted job's status")).add_argument("id", help="submission id")
+    logs = with_address(commands.add_parser("logs", help="a submitted job's logs"))
+    logs.add_argument("id", help="submission id")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+    with_address(commands.add_parser("stop", help="stop a submitted job (its last complete checkpoint is kept)")).add_argument(
+        "id", help="submission id")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +91,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         orchestrator.export(args.run_uri, args.out, merged=args.merged, endpoint_url=args.endpoint_url)
         return 0
+    if args.command in ("list", "status", "logs", "stop"):
+        return _cluster_dispatch(args)
     spec = orchestrator.load_spec(args.job, args.overrides)
+    if args.command == "submit":
+        from orchestrator.launch.submit import EXIT_CODES, load_runtime_env
+
+        submission = orchestrator.submit(
+            spec, address=args.address, tune=args.tune, run_id=args.run_id, resume=args.resume, follow=args.follow,
+            runtime_env=load_runtime_env(args.runtime_env), cluster_credentials=args.cluster_credentials)
+        return EXIT_CODES.get(submission.status, 1) if args.follow else 0
     if args.command == "validate":
         print(f"{args.job}: valid ({spec.adapter.method}, ZeRO-{spec.deepspeed.zero_stage}, {spec.scaling.num_workers} workers)")
         return 0
@@ -78,6 +111,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     orchestrator.run(spec, local=args.local, run_id=args.run_id, resume=args.resume)
     return 0
+
+
+def _cluster_dispatch(args: argparse.Namespace) -> int:
+    from orchestrator.launch import submit as jobs
+    from orchestrator.launch.cluster_client import connect
+
+    cluster = connect(args.address)
+    if args.command == "list":
+        rows = jobs.list_jobs(cluster, show_all=args.all)
+        print(_table(rows, ("id", "status", "kind", "job", "started", "took", "results")) if rows else f"no jobs on {cluster.url}")
+    elif args.command == "status":
+        for key, value in jobs.describe(cluster, args.id).items():
+            print(f"{key:>10}: {value}")
+    elif args.command == "stop":
+        jobs.stop(cluster, args.id)
+    elif args.follow:
+        return jobs.EXIT_CODES.get(jobs.follow_logs(cluster, args.id), 1)
+    else:
+        jobs.job_info(cluster, args.id)
+        print(cluster.client.get_job_logs(args.id), end="")
+    return 0
+
+
+def _table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _print_plan(plan, as_json: bool) -> int:

@@ -73,9 +73,12 @@ def algorithm_problems(spec: JobSpec) -> list[str]:
 
 
 def worker_resources(spec: JobSpec) -> dict[str, float]:
+    """One worker's Ray resources; an accelerator type is Ray's `accelerator_type:<name>` marker resource."""
     resources = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = spec.scaling.gpus_per_worker
+    if spec.scaling.accelerator_type:
+        resources[f"accelerator_type:{spec.scaling.accelerator_type}"] = 0.001
     return resources
 
 

@@ -98,14 +98,26 @@ class DeepSpeedSpec(_Section):
 
 
 class ScalingSpec(_Section):
-    num_workers: int = Field(2, ge=1)
+    """Maps onto Ray Train's ScalingConfig; `orchestrator plan` shows what the cluster must hold."""
+
+    num_workers: int = Field(2, ge=1, description="Training workers (DeepSpeed ranks).")
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (one rank per GPU is usual).")
     cpus_per_worker: float = Field(1.0, gt=0)
+    accelerator_type: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9_-]+$", description="Place workers only on nodes with this accelerator (Ray's name, e.g. A100, H100)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers' bundles across nodes."
+    )
 
 
 class StorageSpec(_Section):
     uri: Optional[str] = Field(None, description="s3://bucket/prefix or file:///dir; none in local mode = embedded S3 server.")
     endpoint_url: Optional[str] = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL or AWS's default).")
+    shared_filesystem: bool = Field(
+        False, description="A file:// uri is a filesystem every cluster node mounts (NFS, EFS, Lustre), so cluster jobs may use it."
+    )
 
     @field_validator("uri")
     @classmethod
@@ -152,6 +164,8 @@ class JobSpec(_Section):
                 f"optim.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, but adapter method "
                 f"{method.name!r} does not train both A and B; remove it or use lora / delta_lora"
             )
+        if self.scaling.accelerator_type is not None and not self.scaling.use_gpu:
+            raise ValueError("scaling.accelerator_type: needs scaling.use_gpu: true")
         start_step = getattr(self.adapter, "start_step", None)
         if start_step is not None and start_step >= self.train.max_steps:
             raise ValueError(

@@ -142,7 +142,9 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-            resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker}
+            | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {}),
+            accelerator_type=spec.scaling.accelerator_type, placement_strategy=spec.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name="checkpoints",

@@ -43,12 +43,13 @@ def max_concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
     """As many trials as the cluster holds at once (each: its workers plus a tiny driver share)."""
     per_trial_cpu = spec.scaling.num_workers * spec.scaling.cpus_per_worker + _TRIAL_DRIVER_CPU
     fits = math.floor(cluster.get("CPU", 0) / per_trial_cpu)
+    per_trial_gpu = spec.scaling.num_workers * spec.scaling.gpus_per_worker
     if spec.scaling.use_gpu:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / spec.scaling.num_workers))
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / per_trial_gpu))
     if fits < 1:
         raise OrchestratorError(
             f"scaling: one trial needs {per_trial_cpu:g} CPUs"
-            + (f" and {spec.scaling.num_workers} GPUs" if spec.scaling.use_gpu else "")
+            + (f" and {per_trial_gpu:g} GPUs" if spec.scaling.use_gpu else "")
             + f" but the Ray cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs"
         )
     wanted = spec.tune.max_concurrent_trials or fits

@@ -1,0 +1,98 @@
+"""A real Ray head on 127.0.0.1 for cluster-mode tests: free ports, token auth, stopped by its own hand.
+
+`ray start --block` stays the parent of every process it starts and stops exactly those when
+terminated, so the test never touches another Ray on the machine (as `ray stop` would).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+_PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+               "--dashboard-agent-grpc-port", "--metrics-export-port", "--node-manager-port",
+               "--object-manager-port", "--runtime-env-agent-port")
+# Kept out of the head, so that a job can only reach the store with what its submitter sends.
+_CALLER_ONLY = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class RayHead:
+    url: str
+    token: str
+    temp_dir: Path
+    process: subprocess.Popen
+
+    def log_text(self) -> str:
+        """Every log file the head's session wrote (for secret scans)."""
+        texts = []
+        for path in self.temp_dir.rglob("*"):
+            if path.is_file() and path.suffix in (".log", ".out", ".err", ".txt", ".json"):
+                texts.append(path.read_text(errors="replace"))
+        return "\n".join(texts)
+
+
+def start_head(num_cpus: int = 3, timeout_s: float = 120) -> RayHead:
+    ports = free_ports(len(_PORT_FLAGS) + 1)
+    token = secrets.token_hex(16)
+    # A short path: Ray's unix sockets live under it (and their paths are limited to ~107 bytes).
+    temp_dir = Path(tempfile.mkdtemp(prefix="orh-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k not in _CALLER_ONLY}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               # Every process of this head (and the jobs' `python`) finds this cluster, not another.
+               RAY_ADDRESS=f"127.0.0.1:{ports[0]}",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+               "--include-dashboard=true"]
+    command += [f"{flag}={port}" for flag, port in zip(_PORT_FLAGS, ports)]
+    log = open(temp_dir / "ray-start.out", "w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports[1]}"
+    head = RayHead(url, token, temp_dir, process)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited {process.returncode}: {(temp_dir / 'ray-start.out').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2).ok:
+                return head
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    stop_head(head)
+    raise RuntimeError(f"the Ray head did not come up within {timeout_s:g} s")
+
+
+def stop_head(head: RayHead) -> None:
+    if head.process.poll() is None:
+        head.process.send_signal(signal.SIGTERM)
+        try:
+            head.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.process.pid, signal.SIGKILL)
+            head.process.wait()
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
