@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", action="store_true", help="merge the adapter into the base model (save_pretrained)")
     export.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL; local-mode runs use the embedded store)")
     commands.add_parser("schema", help="print the job spec's JSON Schema")
+    store = commands.add_parser("store", help="serve the embedded S3 store in the foreground and print its settings "
+                                              "(storage for a head from cluster/local.sh)")
+    store.add_argument("--dir", help="where it keeps its data (default ~/.cache/orchestrator/store)")
     _cluster_commands(commands, job_command)
     return parser
 
@@ -90,6 +93,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         orchestrator.export(args.run_uri, args.out, merged=args.merged, endpoint_url=args.endpoint_url)
+        return 0
+    if args.command == "store":
+        from orchestrator.launch.runtime import serve_store
+
+        serve_store(args.dir)
         return 0
     if args.command in ("list", "status", "logs", "stop"):
         return _cluster_dispatch(args)

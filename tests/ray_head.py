@@ -46,13 +46,16 @@ class RayHead:
     temp_dir: Path
     process: subprocess.Popen
 
-    def log_text(self) -> str:
-        """Every log file the head's session wrote (for secret scans)."""
-        texts = []
+    def files_containing(self, text: str) -> list[str]:
+        """The head's session files (logs and more) that contain `text`, with some context (for secret scans)."""
+        found = []
         for path in self.temp_dir.rglob("*"):
-            if path.is_file() and path.suffix in (".log", ".out", ".err", ".txt", ".json"):
-                texts.append(path.read_text(errors="replace"))
-        return "\n".join(texts)
+            if path.is_file() and not path.is_socket():
+                content = path.read_bytes().decode(errors="replace")
+                at = content.find(text)
+                if at >= 0:
+                    found.append(f"{path.relative_to(self.temp_dir)}: …{content[max(0, at - 300):at]}…")
+        return found
 
 
 def start_head(num_cpus: int = 3, timeout_s: float = 120) -> RayHead:

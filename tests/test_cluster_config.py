@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import yaml
 from conftest import REPO
 from orchestrator.errors import JobSpecError
 from orchestrator.launch.cluster_client import ClusterError, dashboard_url, shortfall
-from orchestrator.launch.submit import build_runtime_env, check_cluster_storage, entrypoint, load_runtime_env
+from orchestrator.launch.submit import CREDENTIALS_FILE, build_runtime_env, check_cluster_storage, entrypoint, load_runtime_env
 from orchestrator.plan import cluster_needs, worker_resources
 from orchestrator.spec import load_spec, validate_spec
 
@@ -37,7 +39,7 @@ def test_launcher_yamls_define_cpu_head_and_autoscaling_gpu_workers_that_install
     assert config["max_workers"] >= max(t["max_workers"] for t in gpu_types)
     # The package is this checkout, copied to every node and pip-installed there.
     mount = next(target for target, source in config["file_mounts"].items() if source == ".")
-    assert any(f"pip install" in c and mount in c for c in config["setup_commands"])
+    assert any("pip install" in c and mount in c for c in config["setup_commands"])
     assert all("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:])
     assert "2.60" in config["docker"]["image"]
 
@@ -124,13 +126,22 @@ def test_runtime_env_carries_spec_package_and_credentials_and_user_overrides(tmp
     env = build_runtime_env(tmp_path, spec, None, cluster_credentials=False)
     assert env["working_dir"] == str(tmp_path) and validate_spec(yaml.safe_load((tmp_path / "job.yaml").read_text())) == spec
     assert Path(env["py_modules"][0]).name == "orchestrator" and (Path(env["py_modules"][0]) / "cli.py").exists()
-    assert env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and env["env_vars"]["AWS_ENDPOINT_URL"] == "http://store:8333"
-    role = build_runtime_env(tmp_path, spec, {"py_modules": [], "pip": ["orchestrator==0.1.0"], "env_vars": {"HF_HOME": "/cache"}},
+    # Secrets travel in the working_dir, loaded by its sitecustomize; Ray logs env_vars, so never there.
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://store:8333" and "s3cr3t" not in json.dumps(env)
+    assert json.loads((tmp_path / CREDENTIALS_FILE).read_text()) == {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    assert (tmp_path / CREDENTIALS_FILE).stat().st_mode & 0o077 == 0
+    loaded = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('AWS_SECRET_ACCESS_KEY'))"],
+                            env={"PYTHONPATH": str(tmp_path), "PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert loaded.stdout.strip() == "s3cr3t"
+    role_dir = tmp_path / "role"
+    role_dir.mkdir()
+    role = build_runtime_env(role_dir, spec, {"py_modules": [], "pip": ["orchestrator==0.1.0"], "env_vars": {"HF_HOME": "/cache"}},
                              cluster_credentials=True)
+    assert not (role_dir / CREDENTIALS_FILE).exists() and not (role_dir / "sitecustomize.py").exists()
     assert "AWS_SECRET_ACCESS_KEY" not in role["env_vars"] and "AWS_ACCESS_KEY_ID" not in role["env_vars"]
     assert role["env_vars"]["HF_HOME"] == "/cache" and role["env_vars"]["AWS_ENDPOINT_URL"] == "http://store:8333"
     assert role["py_modules"] == [] and role["pip"] == ["orchestrator==0.1.0"]
-    assert "s3cr3t" not in (tmp_path / "job.yaml").read_text()
+    assert "s3cr3t" not in (tmp_path / "job.yaml").read_text() + (role_dir / "job.yaml").read_text()
 
 
 def test_runtime_env_file_errors_are_one_line(tmp_path):
@@ -185,3 +196,18 @@ def test_submit_refuses_local_storage_before_contacting_any_cluster(tmp_path):
     result = subprocess.run([sys.executable, "-m", "orchestrator", "submit", str(job), "--address", "http://10.255.255.1:8265"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "storage.uri" in result.stderr
+
+
+@pytest.mark.slow
+def test_placement_of_a_4_worker_gpu_job_on_fake_gpu_nodes():
+    """bench/placement.py: a real multi-node Ray (fake GPUs) places the ScalingConfig's bundles."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "placement.py"), "--json"], capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["PACK"]["bundle"] == {"CPU": 2.0, "GPU": 1.0, "accelerator_type:A100": 0.001}
+    for strategy in ("PACK", "SPREAD", "STRICT_PACK"):
+        nodes = outcome[strategy]["nodes"]
+        assert outcome[strategy]["placed"] and len(nodes) == 4 and "head" not in nodes  # the head has no GPU
+    assert len(set(outcome["STRICT_PACK"]["nodes"])) == 1
+    assert not outcome["STRICT_SPREAD"]["placed"]  # one worker per node needs 4 nodes; there are 2

@@ -130,9 +130,21 @@ def worker_config(spec: JobSpec, layout: RunLayout, storage_uri: str, resolved) 
     }
 
 
+def scaling_config(spec: JobSpec):
+    """The spec's scaling section as Ray Train's ScalingConfig (one bundle per worker)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+        resources_per_worker={"CPU": spec.scaling.cpus_per_worker}
+        | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {}),
+        accelerator_type=spec.scaling.accelerator_type, placement_strategy=spec.scaling.placement_strategy,
+    )
+
+
 def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callbacks: tuple = ()):
     """One TorchTrainer for one run (or one search trial); Ray Train keeps its state under checkpoints/."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.train.loop import train_loop
@@ -140,12 +152,7 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-            resources_per_worker={"CPU": spec.scaling.cpus_per_worker}
-            | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {}),
-            accelerator_type=spec.scaling.accelerator_type, placement_strategy=spec.scaling.placement_strategy,
-        ),
+        scaling_config=scaling_config(spec),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=layout.checkpoints_dir.rsplit("/", 1)[0],

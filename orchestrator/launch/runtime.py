@@ -42,6 +42,23 @@ def embedded_store(echo) -> Iterator[None]:
         store.stop()
 
 
+def serve_store(data_dir: str | None, echo=print) -> None:
+    """Serve the embedded store in the foreground until interrupted, e.g. for a head from cluster/local.sh.
+
+    Its credentials are printed as export lines: they are this store's own, new at every start, and
+    the shell that submits jobs needs them."""
+    import time
+
+    store = EmbeddedObjectStore(data_dir or os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
+    with store:
+        echo(f"# embedded S3 store at {store.endpoint_url}, bucket {DEFAULT_BUCKET}, data in {store.data_dir}; Ctrl-C stops it")
+        for name, value in store.env().items():
+            echo(f"export {name}={value}")
+        while store.running():
+            time.sleep(1)
+        raise OrchestratorError(f"embedded object store exited (log: {store.data_dir / 'weed.log'})")
+
+
 def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
     """A local-mode run URI (s3://orchestrator/…) with no other S3 endpoint configured."""
     return (uri == f"s3://{DEFAULT_BUCKET}" or uri.startswith(f"s3://{DEFAULT_BUCKET}/")) and not (

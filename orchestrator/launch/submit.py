@@ -3,13 +3,17 @@
 The entrypoint on the cluster is the same CLI a local run uses (`python -m orchestrator run|tune
 job.yaml`), so a cluster job follows the same code path. The resolved spec travels in the job's
 working_dir; this package travels as a py_module (or comes from the cluster's image, when the
-user's runtime env says so); object-store credentials travel as the runtime env's env vars, taken
-from the caller's environment, and are never printed, put in the job's metadata or in the spec.
+user's runtime env says so). Object-store settings travel as the runtime env's env vars; the
+secrets among them do not, because Ray writes a job's runtime env into its logs in plain text.
+They travel as a file in the working_dir (stored in the cluster's GCS like the job's code) that a
+`sitecustomize` hook next to it loads into the environment of each of the job's processes at start
+(Ray puts the working_dir on their PYTHONPATH).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import tempfile
@@ -27,7 +31,7 @@ from orchestrator.plan import cluster_needs, worker_resources
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.storage.layout import new_run_id
 
-# Secrets: sent to the job only in its runtime env, and left out when the cluster's own role is used.
+# Secrets: sent in the job's working_dir (see above), and not at all when the cluster's own role is used.
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
 # Where the store is: not secret, always passed along when set.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -57,22 +61,41 @@ def check_cluster_storage(spec: JobSpec) -> None:
                            "set storage.shared_filesystem: true")
 
 
-def job_env(cluster_credentials: bool) -> dict[str, str]:
-    """The caller's storage settings (and, unless the cluster's own role is to be used, its credentials)."""
-    names = STORAGE_ENV + (() if cluster_credentials else CREDENTIAL_ENV)
+CREDENTIALS_FILE = "orchestrator_credentials.json"
+_LOADER = f"""\
+# Written by `orchestrator submit`: puts the credentials this job was given into the environment of
+# each of its processes (Ray puts the job's working_dir on their PYTHONPATH, so Python imports this
+# at start). They are not in the runtime env's env_vars because Ray logs those in plain text.
+import json as _json, os as _os
+try:
+    with open(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "{CREDENTIALS_FILE}")) as _file:
+        _os.environ.update(_json.load(_file))
+except FileNotFoundError:
+    pass
+"""
+
+
+def _present(names: tuple[str, ...]) -> dict[str, str]:
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def build_runtime_env(staging_dir: Path, spec: JobSpec, user_env: dict[str, Any] | None,
                       cluster_credentials: bool) -> dict[str, Any]:
-    """The job's runtime env: working_dir with the spec, this package, env vars; `user_env` overrides
-    any key (env_vars are merged), e.g. `py_modules: []` with `pip: [...]` to install from an index."""
+    """The job's runtime env: working_dir with the spec (and the caller's credentials unless the
+    cluster's own role is to be used), this package, storage settings as env vars. `user_env`
+    overrides any key (env_vars are merged), e.g. `py_modules: []` with `pip: [...]`."""
     (staging_dir / SPEC_FILE).write_text(spec_to_yaml(spec))
+    secrets = {} if cluster_credentials else _present(CREDENTIAL_ENV)
+    if secrets:
+        path = staging_dir / CREDENTIALS_FILE
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(secrets))
+        (staging_dir / "sitecustomize.py").write_text(_LOADER)
     runtime_env: dict[str, Any] = {
         "working_dir": str(staging_dir),
         "py_modules": [str(PACKAGE_DIR)],
         "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": {"PYTHONUNBUFFERED": "1", **job_env(cluster_credentials)},
+        "env_vars": {"PYTHONUNBUFFERED": "1", **_present(STORAGE_ENV)},
     }
     for key, value in (user_env or {}).items():
         runtime_env[key] = {**runtime_env["env_vars"], **value} if key == "env_vars" else value

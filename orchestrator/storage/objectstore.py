@@ -139,6 +139,9 @@ class EmbeddedObjectStore:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
