@@ -137,7 +137,7 @@ class StorageSpec(_Section):
 
 
 class JobSpec(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name; runs are stored under runs/<name>/.")
+    name: str = Field(description="Job name (letters, digits, '_', '.', '-'); runs are stored under runs/<name>/.")
     model: ModelSpec
     data: DataSpec
     adapter: AdapterSpec = Field(default_factory=lambda: get_method(DEFAULT_METHOD).spec())  # type: ignore[valid-type]
@@ -150,9 +150,11 @@ class JobSpec(_Section):
 
     @field_validator("name")
     @classmethod
-    def _no_dots_only(cls, name: str) -> str:
+    def _safe_as_a_path_segment(cls, name: str) -> str:
         if ".." in name:
             raise ValueError("must not contain '..'")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ValueError("use 1–100 letters, digits, '_', '.' or '-', starting with a letter or digit (no '/' or spaces)")
         return name
 
     @model_validator(mode="after")
@@ -309,7 +311,8 @@ def _describe_one(detail: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{field}.method: unknown adapter method {_method_of(detail['input'])!r}; {message}"
     if detail["type"] == "missing":
         return f"{field}: required field is missing"
-    if "input" in detail and detail["type"] not in ("model_type", "dict_type") and not isinstance(detail["input"], dict):
+    if ("input" in detail and detail["type"] not in ("model_type", "dict_type") and not isinstance(detail["input"], dict)
+            and repr(detail["input"]) not in message):
         return f"{field}: {message} (got {detail['input']!r})"
     return f"{field}: {message}"
 

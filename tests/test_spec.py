@@ -71,7 +71,7 @@ def _with(section: str, **fields) -> dict:
         (_with("storage", uri="s3://AKIA:secret@bucket/x"), "must not hold credentials"),
         (_with("storage", uri="s3://Bad_Bucket/x"), "is not a valid S3 bucket name"),
         (_with("data", text_field="text", prompt_field="p"), "data: Value error, give either text_field"),
-        ({**MINIMAL, "name": "../escape"}, "name: String should match pattern"),
+        ({**MINIMAL, "name": "../escape"}, "name: must not contain '..'"),
         ({**MINIMAL, "name": "a..b"}, "name: Value error, must not contain '..'"),
         ({"name": "t", "data": {"path": "x.jsonl"}}, "model: required field is missing"),
         ({**MINIMAL, "modle": {}}, "modle: unknown field; did you mean 'model'?"),

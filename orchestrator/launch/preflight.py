@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ def load_model_config(spec: JobSpec) -> tuple[str, Any]:
     from transformers import AutoConfig
 
     model_path = resolve_model_path(spec.model.path)
+    if model_path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model_path)):
+        raise PreflightError(f"model.path: {spec.model.path} does not exist (a model directory or a hub id like org/name)")
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=spec.model.trust_remote_code)
     except Exception as error:  # OSError, ValueError, hub errors: all mean "not a usable model"

@@ -11,7 +11,7 @@ import yaml
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.progress import ProgressPrinter
-from orchestrator.launch.runtime import ray_runtime, storage_for
+from orchestrator.launch.runtime import ray_runtime, require_resources, storage_for
 from orchestrator.plan import build_plan
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.storage.fs import open_storage
@@ -85,9 +85,10 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
     echo(f"plan: {plan.trainable_parameters:,} trainable of {plan.base_parameters + plan.trainable_parameters:,} "
          f"parameters ({plan.trainable_percent:.3f}%), ZeRO-{spec.deepspeed.zero_stage}, "
          f"{spec.scaling.num_workers} workers, global batch {plan.global_batch}")
-    with storage_for(spec, local, echo) as storage_uri:
+    with storage_for(spec, local, echo) as storage_uri, ray_runtime(spec, local):
         storage = open_storage(storage_uri, spec.storage.endpoint_url)
         storage.check_writable()
+        require_resources(spec)  # Ray Train would otherwise wait forever for workers that cannot be placed
         layout, exists = choose_run(storage, spec, run_id, resume)
         if exists:
             summary = _completed_summary(storage, layout)
@@ -102,8 +103,7 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
             echo(f"new run {layout.uri}")
         storage.write_text(layout.spec, spec_to_yaml(spec))
         config = worker_config(spec, layout, storage_uri, resolved)
-        with ray_runtime(spec, local):
-            events = _fit(spec, config, storage, layout, echo)
+        events = _fit(spec, config, storage, layout, echo)
         summary = _completed_summary(storage, layout)
         if summary is None:
             raise TrainingFailed(f"run {layout.uri} ended without a final manifest")
@@ -156,7 +156,8 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
         run_config=RunConfig(
             name="checkpoints",
             storage_path=layout.checkpoints_dir.rsplit("/", 1)[0],
-            storage_filesystem=storage.pyarrow_filesystem(),
+            # Ray uploads checkpoints through this one: patient, so a short store outage is retried.
+            storage_filesystem=open_storage(config["storage_uri"], config["endpoint_url"], patient=True).pyarrow_filesystem(),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),

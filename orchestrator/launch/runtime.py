@@ -59,6 +59,24 @@ def serve_store(data_dir: str | None, echo=print) -> None:
         raise OrchestratorError(f"embedded object store exited (log: {store.data_dir / 'weed.log'})")
 
 
+def require_resources(spec: JobSpec) -> None:
+    """Refuse a job the running Ray cluster can never hold (more GPUs than it has, or a worker larger than any node)."""
+    import ray
+
+    from orchestrator.plan import cluster_needs, worker_resources
+
+    total = ray.cluster_resources()
+    lacking = [f"{name} {amount:g} (it has {total.get(name, 0):g})" for name, amount in cluster_needs(spec).items()
+               if total.get(name, 0) + 1e-9 < amount]
+    if lacking:
+        hint = "; this machine has no GPU: set scaling.use_gpu: false" if spec.scaling.use_gpu and not total.get("GPU") else ""
+        raise OrchestratorError(f"scaling: the job needs {', '.join(lacking)} but the Ray cluster holds less{hint}")
+    per_worker = worker_resources(spec)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if nodes and not any(all(node.get(k, 0) + 1e-9 >= v for k, v in per_worker.items()) for node in nodes):
+        raise OrchestratorError(f"scaling: no node of the Ray cluster can hold one worker ({per_worker})")
+
+
 def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
     """A local-mode run URI (s3://orchestrator/…) with no other S3 endpoint configured."""
     return (uri == f"s3://{DEFAULT_BUCKET}" or uri.startswith(f"s3://{DEFAULT_BUCKET}/")) and not (
@@ -88,7 +106,15 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0) -> Itera
             log_to_driver=True,
         )
     else:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING")
+        address = os.environ.get("RAY_ADDRESS", "auto")
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise OrchestratorError(
+                f"cannot connect to a Ray cluster at RAY_ADDRESS={address!r} ({first}); use --local for single-node "
+                f"mode, or `orchestrator submit` to send the job to a cluster"
+            ) from None
     try:
         yield
     finally:

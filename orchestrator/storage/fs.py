@@ -114,7 +114,15 @@ def describe_storage_error(error: Exception) -> str:
     return text
 
 
-def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
+# The driver checks storage before anything starts and should fail in seconds; workers writing
+# checkpoints should ride out a short outage of the store (botocore's standard mode: exponential
+# backoff with jitter, capped at 20 s per wait; 10 attempts span roughly half a minute to two).
+_FAIL_FAST = {"max_attempts": 3}
+_PATIENT = {"max_attempts": 10, "mode": "standard"}
+
+
+def open_storage(uri: str, endpoint_url: str | None = None, patient: bool = False) -> Storage:
+    """`patient`: retry connection failures with backoff for a minute or so (workers' uploads)."""
     scheme, _, rest = uri.partition("://")
     if scheme == "s3":
         import s3fs
@@ -125,8 +133,7 @@ def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
             endpoint_url=_endpoint(endpoint_url),
             skip_instance_cache=True,
             use_listings_cache=False,
-            # Connection failures should surface in seconds, not after botocore's long default.
-            config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
+            config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": _PATIENT if patient else _FAIL_FAST},
         )
         return Storage(uri=uri, fs=fs, root=rest.rstrip("/"))
     if scheme == "file":

@@ -31,6 +31,8 @@ def load_records(path: str):
     local = path if options is None else None
     if local is not None and not os.path.exists(local):
         raise PreflightError(f"data.path: {path} does not exist")
+    if local is not None and os.path.isfile(local) and os.path.getsize(local) == 0:
+        raise PreflightError(f"data.path: {path} is empty")
     try:
         if local is not None and os.path.isdir(local):
             loaded = datasets.load_from_disk(local)

@@ -40,7 +40,7 @@ class RunStorage:
 
     @classmethod
     def open(cls, config: dict[str, Any]) -> "RunStorage":
-        storage = open_storage(config["storage_uri"], config.get("endpoint_url"))
+        storage = open_storage(config["storage_uri"], config.get("endpoint_url"), patient=True)
         return cls(storage, RunLayout(storage, config["job"], config["run_id"], config.get("layout_root", "runs")))
 
     def resume(self, engine, rank: int, world: int) -> tuple[int, list[dict]]:
