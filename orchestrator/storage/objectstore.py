@@ -81,11 +81,12 @@ class EmbeddedObjectStore:
         self.secret_key = secrets.token_urlsafe(24)
         self.endpoint_url = ""
         self._process: subprocess.Popen | None = None
+        self._ports: dict[str, int] | None = None  # kept, so that a restart serves the same endpoint
         self._log_path = self.data_dir / "weed.log"
 
     def start(self, timeout_s: float = 60.0) -> "EmbeddedObjectStore":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+        ports = self._ports = self._ports or dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
         self.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
         command = [
             weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

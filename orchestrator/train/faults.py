@@ -1,7 +1,9 @@
-"""Fault injection for reliability tests: make rank 0 fail once after a given step of a given run.
+"""Fault injection for reliability tests: make rank 0 fail, or pause, once after a given step of a given run.
 
-Off unless ORCHESTRATOR_FAULTS names a JSON file {run id or pattern: step}. Each entry fires once (it is removed
-before the failure), so the restarted worker group trains on: that is the point of the test.
+Off unless ORCHESTRATOR_FAULTS names a JSON file {run id or pattern: step | {"pause_s": seconds, "step": step}}.
+Each entry fires once (it is removed first), so a restarted worker group trains on: that is the point of
+the test. A pause writes `<file>.paused` (run id and step) so that a test can strike while the run
+stands still: kill a worker or the driver, or stop the object store.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -22,17 +25,26 @@ def maybe_fail(run_id: str, step: int, rank: int) -> None:
         return
     faults = json.loads(Path(path).read_text() or "{}")
     # Keys are run ids or shell patterns (a search trial's id is only known once it runs).
-    key = next((k for k, at in faults.items() if at == step and fnmatch.fnmatchcase(run_id, k)), None)
+    key = next((k for k, at in faults.items() if _step(at) == step and fnmatch.fnmatchcase(run_id, k)), None)
     if key is None:
         return
-    del faults[key]
+    fault = faults.pop(key)
     Path(path).write_text(json.dumps(faults))
+    if isinstance(fault, dict):
+        Path(f"{path}.paused").write_text(json.dumps({"run_id": run_id, "step": step}))
+        time.sleep(fault["pause_s"])
+        return
     raise InjectedFault(f"injected fault after step {step} of run {run_id}")
 
 
-def schedule_fault(path: str | Path, run_id: str, step: int) -> None:
-    """Test side: ask for one failure of `run_id` after `step`."""
+def _step(fault) -> int:
+    return fault["step"] if isinstance(fault, dict) else fault
+
+
+def schedule_fault(path: str | Path, run_id: str, step: int, pause_s: float | None = None) -> None:
+    """Test side: ask for one failure (or, with `pause_s`, one pause) of `run_id` after `step`."""
     path = Path(path)
     faults = json.loads(path.read_text() or "{}") if path.exists() else {}
-    faults[run_id] = step
+    faults[run_id] = step if pause_s is None else {"step": step, "pause_s": pause_s}
     path.write_text(json.dumps(faults))
+    Path(f"{path}.paused").unlink(missing_ok=True)
