@@ -7,6 +7,9 @@ Public Python API (the CLI is a thin layer over it):
     tune(spec, local=True, resume=False) -> TuneResult   Ray Tune search over the spec's tune.space
     export(run_uri, out, merged=False) -> Path   the adapter (PEFT format) or the merged model
     submit(spec, address=None, tune=False, follow=False, ...) -> Submission   a Ray job on a running cluster
+    runs(storage_uri=None, job=None, method=None, since=None) -> [RunRecord | SearchRecord]   newest first
+    show(run_uri, out=None) -> Report       a run's (or search's) record, packages, and its loss curves as PNG
+    compare([run_uri, ...], out=None) -> Comparison   several runs (or a search's trials): table rows and one plot
 """
 
 from orchestrator.errors import JobSpecError, OrchestratorError, PreflightError, StorageError
@@ -48,4 +51,23 @@ def submit(spec: JobSpec, **options):
     return _submit(spec, **options)
 
 
-__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "export", "load_spec", "plan", "run", "submit", "tune"]
+def runs(storage_uri: str | None = None, **options):
+    from orchestrator.launch.report import runs as _runs
+
+    return _runs(storage_uri, **options)
+
+
+def show(run_uri: str, **options):
+    from orchestrator.launch.report import show as _show
+
+    return _show(run_uri, **options)
+
+
+def compare(run_uris, **options):
+    from orchestrator.launch.report import compare as _compare
+
+    return _compare(run_uris, **options)
+
+
+__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "compare", "export",
+           "load_spec", "plan", "run", "runs", "show", "submit", "tune"]

@@ -42,7 +42,30 @@ def _parser() -> argparse.ArgumentParser:
                                               "(storage for a head from cluster/local.sh)")
     store.add_argument("--dir", help="where it keeps its data (default ~/.cache/orchestrator/store)")
     _cluster_commands(commands, job_command)
+    _results_commands(commands)
     return parser
+
+
+def _results_commands(commands) -> None:
+    def reading(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL; s3://orchestrator uses the embedded store)")
+        return sub
+
+    def naming_runs(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--storage", metavar="URI", help="where relative RUN paths are (default s3://orchestrator, local mode's store)")
+        sub.add_argument("--out", metavar="FILE.png", help="where to save the plot (default ~/.cache/orchestrator/plots/)")
+        return reading(sub)
+
+    runs = reading(commands.add_parser("runs", help="runs and searches in storage, newest first"))
+    runs.add_argument("storage_uri", nargs="?", help="s3://bucket[/prefix] or file:///dir (default s3://orchestrator, local mode's store)")
+    runs.add_argument("--job", help="only this job's runs (and searches over it)")
+    runs.add_argument("--method", help="only runs of this adapter method (lora, lora_fa, vera, delta_lora)")
+    runs.add_argument("--since", help="only runs written to since: an age (7d, 12h, 30m, 2w) or a date (2026-11-01)")
+    show = naming_runs(commands.add_parser("show", help="a run's spec, versions, parameters, metrics, adapter and loss curves (PNG)"))
+    show.add_argument("run", help="a run or search URI, or its path as `orchestrator runs` prints it (runs/<job>/<run-id>, tune/<search>)")
+    show.add_argument("--open", action="store_true", help="open the plot in the desktop's viewer")
+    compare = naming_runs(commands.add_parser("compare", help="several runs (or a search's trials) side by side: one table, one plot"))
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run URIs or paths; a search stands for all its trials")
 
 
 def _cluster_commands(commands, job_command) -> None:
@@ -101,6 +124,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("list", "status", "logs", "stop"):
         return _cluster_dispatch(args)
+    if args.command in ("runs", "show", "compare"):
+        return _results_dispatch(args)
     spec = orchestrator.load_spec(args.job, args.overrides)
     if args.command == "submit":
         from orchestrator.launch.submit import EXIT_CODES, load_runtime_env
@@ -139,6 +164,43 @@ def _cluster_dispatch(args: argparse.Namespace) -> int:
     else:
         jobs.job_info(cluster, args.id)
         print(cluster.client.get_job_logs(args.id), end="")
+    return 0
+
+
+def _results_dispatch(args: argparse.Namespace) -> int:
+    from orchestrator.launch import report
+
+    def notice(line: str) -> None:  # stdout keeps only the tables
+        print(line, file=sys.stderr)
+
+    if args.command == "runs":
+        records = orchestrator.runs(args.storage_uri, job=args.job, method=args.method, since=args.since,
+                                    endpoint_url=args.endpoint_url, echo=notice)
+        where = args.storage_uri or report.DEFAULT_STORAGE
+        if not records:
+            filtered = args.job or args.method or args.since
+            print(f"no runs in {where}" + (" match --job / --method / --since" if filtered else ""))
+            return 0
+        rows = [report.overview_row(record) for record in records]
+        print(_table(rows, tuple(rows[0])))
+        print(f"({len(rows)} in {where}; `orchestrator show RUN` for one)")
+    elif args.command == "show":
+        shown = orchestrator.show(args.run, storage_uri=args.storage, endpoint_url=args.endpoint_url, out=args.out, echo=notice)
+        search = isinstance(shown.record, report.SearchRecord)
+        for label, text in (report.search_details(shown) if search else report.run_details(shown)):
+            if "\n" in text:  # the spec, as YAML
+                print(f"{label}:\n  " + text.replace("\n", "\n  "))
+            else:
+                print(f"{label:>10}  {text}")
+        if search and shown.record.trials:
+            rows = report.leaderboard_rows(shown.record)
+            print("\n" + _table(rows, tuple(rows[0])))
+        if args.open:
+            report.open_plot(shown.curves_path, echo=notice)
+    else:
+        comparison = orchestrator.compare(args.runs, storage_uri=args.storage, endpoint_url=args.endpoint_url, out=args.out, echo=notice)
+        rows = report.comparison_rows(comparison)
+        print(_table(rows, tuple(rows[0])) + f"\nplot: {comparison.plot_path}")
     return 0
 
 

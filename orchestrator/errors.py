@@ -1,13 +1,34 @@
 """Errors meant for people: one line, naming the cause; the CLI turns them into exit code 2."""
 
+import os
+import re
+
+# Values that must never reach a terminal, a log or a stored file, wherever an error message quotes them.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "RAY_AUTH_TOKEN")
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@'\"]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with credentials in URLs (scheme://user:secret@host) and known secret values blanked."""
+    text = _URL_USERINFO.sub(r"\1<redacted>@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 6:
+            text = text.replace(value, "<redacted>")
+    return text
+
 
 class OrchestratorError(Exception):
     """A mistake in what the user asked for (spec, data, model, storage, credentials).
 
-    The CLI prints `str(error)` as one line and exits with code 2, without a traceback.
+    The CLI prints `str(error)` as one line and exits with code 2, without a traceback. The text
+    is redacted: an error about a URL with credentials in it must not repeat them.
     """
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
 
 
 class JobSpecError(OrchestratorError):

@@ -136,6 +136,28 @@ class StorageSpec(_Section):
         return uri.rstrip("/")
 
 
+class MlflowSpec(_Section):
+    tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI: http(s)://server, sqlite:///path.db, databricks, …; default MLFLOW_TRACKING_URI, "
+                          "else sqlite:///~/.cache/orchestrator/mlflow.db (ORCHESTRATOR_HOME moves it)."
+    )
+    experiment: Optional[str] = Field(None, description="MLflow experiment (created if missing); default the job name.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: Optional[str]) -> Optional[str]:
+        if uri is not None and "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("must not hold credentials; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                             "or MLFLOW_TRACKING_TOKEN instead")
+        return uri
+
+
+class TrackingSpec(_Section):
+    mlflow: Optional[MlflowSpec] = Field(
+        None, description="Log runs and searches to MLflow (pip install 'orchestrator[mlflow]'); `mlflow: {}` takes the defaults."
+    )
+
+
 class JobSpec(_Section):
     name: str = Field(description="Job name (letters, digits, '_', '.', '-'); runs are stored under runs/<name>/.")
     model: ModelSpec
@@ -147,6 +169,7 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tune: Optional[TuneSpec] = Field(None, description="Hyperparameter search (orchestrator tune); ignored by run.")
+    tracking: Optional[TrackingSpec] = Field(None, description="Experiment tracking (MLflow) for runs and searches.")
 
     @field_validator("name")
     @classmethod

@@ -49,7 +49,7 @@ def test_rank_larger_than_a_layer_is_refused(object_store, s3_storage_uri):
 def test_missing_model_path_is_one_line(object_store, s3_storage_uri, tmp_path):
     spec = job(s3_storage_uri)
     spec.model.path = str(tmp_path / "no-model")
-    with pytest.raises(orchestrator.PreflightError, match="model.path: .*no-model is not a loadable model"):
+    with pytest.raises(orchestrator.PreflightError, match="model.path: .*no-model does not exist"):
         orchestrator.run(spec, echo=print)
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import yaml
 
+from orchestrator import tracking
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.progress import ProgressPrinter
@@ -80,6 +81,7 @@ def choose_run(storage, spec: JobSpec, run_id: str | None, resume: bool) -> tupl
 def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume: bool = False,
         echo: Callable[[str], None] = print) -> RunResult:
     """Train the spec's adapter with Ray Train + DeepSpeed and leave the run in object storage."""
+    tracker = tracking.connect(spec)  # first: a missing MLflow or an unreachable server fails before anything runs
     resolved = preflight(spec)
     plan = build_plan(spec, resolved.model_config)
     echo(f"plan: {plan.trainable_parameters:,} trainable of {plan.base_parameters + plan.trainable_parameters:,} "
@@ -103,7 +105,8 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
             echo(f"new run {layout.uri}")
         storage.write_text(layout.spec, spec_to_yaml(spec))
         config = worker_config(spec, layout, storage_uri, resolved)
-        events = _fit(spec, config, storage, layout, echo)
+        with tracking.logged_run(tracker, layout, echo):
+            events = _fit(spec, config, storage, layout, echo)
         summary = _completed_summary(storage, layout)
         if summary is None:
             raise TrainingFailed(f"run {layout.uri} ended without a final manifest")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import yaml
 
 import orchestrator
-from orchestrator.errors import JobSpecError
+from orchestrator.errors import JobSpecError, redact
 from orchestrator.launch.cluster_client import Cluster, ClusterError, connect, shortfall
 from orchestrator.plan import cluster_needs, worker_resources
 from orchestrator.spec import JobSpec, spec_to_yaml
@@ -269,11 +269,6 @@ def _took(start_ms: int | None, end_ms: int | None) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    """The error's first line, with any credential from our environment blanked (servers echo requests)."""
+    """The error's first line, redacted (servers echo requests, and a URL may carry credentials)."""
     text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    for name in CREDENTIAL_ENV:
-        if os.environ.get(name):
-            line = line.replace(os.environ[name], "<redacted>")
-    return line
-
+    return redact(text[0] if text else type(error).__name__)

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator import tracking
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.run import build_trainer, worker_config
@@ -79,6 +80,7 @@ def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print)
 
     if spec.tune is None:
         raise JobSpecError("tune: this job has no tune section (a search space, num_samples, scheduler)")
+    tracker = tracking.connect(spec)  # a missing MLflow or an unreachable server fails before anything runs
     resolved = preflight(spec)
     search = spec.tune.name or spec.name
     with storage_for(spec, local, echo) as storage_uri:
@@ -86,12 +88,12 @@ def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print)
         storage.check_writable()
         search_dir = storage.path("tune", search)
         with ray_runtime(spec, local, idle_driver_slots=1):
-            results = _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo)
+            results = _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo, tracker)
             leaderboard, best = publish(spec, search, storage, search_dir, results, echo)
     return TuneResult(f"{storage.uri}/tune/{search}", leaderboard, best)
 
 
-def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo):
+def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo, tracker=None):
     import ray
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -131,7 +133,8 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
             ),
             run_config=ray_tune.RunConfig(
                 name="tuner", storage_path=search_dir, storage_filesystem=fs, verbose=0,
-                callbacks=[SearchProgress(keys, spec.tune.metric, spec.tune.mode, spec.train.max_steps)],
+                callbacks=[SearchProgress(keys, spec.tune.metric, spec.tune.mode, spec.train.max_steps),
+                           *tracking.tune_callbacks(tracker, keys, f"{storage.uri}/tune/{search}")],
             ),
         )
     results = tuner.fit()
