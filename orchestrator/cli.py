@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--merged", action="store_true", help="merge the adapter into the base model (save_pretrained)")
     export.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL; local-mode runs use the embedded store)")
-    commands.add_parser("schema", help="print the job spec's JSON Schema")
+    schema = commands.add_parser("schema", help="print the job spec's JSON Schema (for editors; see docs/reference.md)")
+    schema.add_argument("--markdown", action="store_true", help="print the Markdown reference (docs/reference.md) instead")
     store = commands.add_parser("store", help="serve the embedded S3 store in the foreground and print its settings "
                                               "(storage for a head from cluster/local.sh)")
     store.add_argument("--dir", help="where it keeps its data (default ~/.cache/orchestrator/store)")
@@ -112,7 +113,12 @@ def _interrupt(signum, frame) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schema":
-        print(json.dumps(orchestrator.JobSpec.model_json_schema(), indent=2))
+        if args.markdown:
+            from orchestrator.spec_reference import markdown
+
+            print(markdown(), end="")
+        else:
+            print(json.dumps(orchestrator.JobSpec.model_json_schema(), indent=2))
         return 0
     if args.command == "export":
         orchestrator.export(args.run_uri, args.out, merged=args.merged, endpoint_url=args.endpoint_url)
