@@ -1,0 +1,68 @@
+"""docs/quickstart.md, executed: every ```bash block, in order, in one shell (set -e), as a newcomer
+would type it. Isolation only: HOME and Ray's temp root are fresh, and the head's ports are free
+ones (the session's own Ray holds the defaults)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from ray_head import free_ports
+
+pytestmark = pytest.mark.slow
+QUICKSTART = REPO / "docs" / "quickstart.md"
+
+
+def quickstart_script() -> str:
+    blocks = re.findall(r"```bash\n(.*?)```", QUICKSTART.read_text(), flags=re.S)
+    assert len(blocks) >= 5
+    return "\n".join(blocks)
+
+
+def stop_group(pgid: int, grace_s: float = 60) -> None:
+    """SIGTERM the process group, give it time to stop gracefully (ray start --block takes ~20 s), then SIGKILL."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_every_quickstart_command_runs(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="orq-", dir="/tmp"))  # short: Ray's socket paths live below it
+    gcs_port, dashboard_port = free_ports(2)
+    script = quickstart_script().replace("127.0.0.1:8265", f"127.0.0.1:{dashboard_port}")
+    drop = ("AWS_", "RAY_ADDRESS", "RAY_AUTH", "ORCHESTRATOR_STORE_DIR", "ORCHESTRATOR_FAULTS", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), RAY_HEAD_PORT=str(gcs_port), RAY_DASHBOARD_PORT=str(dashboard_port),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/orchestrator/torch_extensions")))
+    log = tmp_path / "quickstart.log"
+    with open(log, "w") as sink:  # a file, not a pipe: the background head and store keep their stderr open
+        shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env, start_new_session=True,
+                                 stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        shell.wait(timeout=1500)
+    finally:
+        stop_group(shell.pid)  # the head (ray start --block) and the store were started in the shell's group
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    output = log.read_text()
+    assert shell.returncode == 0, output[-4000:]
+    assert "final adapter: s3://orchestrator/runs/local-smoke/first/adapter" in output
+    assert (home / "adapters" / "first" / "adapter_model.safetensors").exists()
+    assert re.search(r"cluster-local-run-\S+: SUCCEEDED", output), output[-3000:]
+    assert "local-search" in output and "best" in output.lower()
