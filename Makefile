@@ -1,8 +1,10 @@
 # make demo: set up and run the local fine-tuning demo.  make test: set up and run the test suite.
+# make bench: the performance suite (BENCH_ARGS=--quick for a few minutes).
 VENV ?= .venv
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -12,6 +14,9 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

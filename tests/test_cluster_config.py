@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 from orchestrator.errors import JobSpecError
-from orchestrator.launch.cluster_client import ClusterError, dashboard_url, shortfall
+from orchestrator.launch.cluster_client import ClusterError, auth_headers, dashboard_url, shortfall
 from orchestrator.launch.submit import CREDENTIALS_FILE, build_runtime_env, check_cluster_storage, entrypoint, load_runtime_env
 from orchestrator.plan import cluster_needs, worker_resources
 from orchestrator.spec import load_spec, validate_spec
@@ -164,6 +164,21 @@ def test_entrypoint_runs_the_same_cli_as_a_local_run():
 def test_dashboard_url_normalises(given, expected, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert dashboard_url(given) == expected
+
+
+def test_auth_token_comes_from_where_rays_tools_look(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert auth_headers() == {"Authorization": "Bearer home-token"}
+    (tmp_path / "elsewhere").write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "elsewhere"))
+    assert auth_headers() == {"Authorization": "Bearer path-token"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert auth_headers() == {"Authorization": "Bearer env-token"}
 
 
 def test_dashboard_url_errors(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
@@ -37,14 +38,18 @@ def dashboard_url(address: str | None) -> str:
 
 
 def auth_headers() -> dict[str, str]:
-    """The bearer token Ray's own tools send (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), if any."""
-    from ray._raylet import AuthenticationTokenLoader
+    """The bearer token Ray's own tools send: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else
+    ~/.ray/auth_token; none if there is none.
 
-    loader = AuthenticationTokenLoader.instance()
-    loader.reset_cache()  # the environment may have changed since the last call (another cluster, a new token)
-    if not loader.has_token(ignore_auth_mode=True):
-        return {}
-    return {"Authorization": "Bearer " + loader.get_raw_token(ignore_auth_mode=True)}
+    Read here, not through Ray's AuthenticationTokenLoader: that loader is one per process and is what a
+    Ray driver in the same process (a notebook, a test session) authenticates with, so pointing it at
+    another cluster's token broke that driver's connection to its own cluster.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def probe(url: str, headers: dict[str, str]) -> str:

@@ -20,8 +20,11 @@ def format_event(event: dict) -> str | None:
                 + (f" | eval_loss {event['eval_loss']:.4f}" if "eval_loss" in event else "")
                 + f" | {event['tokens_per_s']:,.0f} tok/s | lr {_rates(event)} | ETA {eta}")
         return line
+    if kind == "first_step":
+        return f"step {event['step']} done ({event['worker_s']:.1f} s after the worker started)"
     if kind == "checkpoint":
-        return f"checkpoint saved: {event['uri']}"
+        blocked = f" (blocked {event['blocked_s']:.2f} s)" if "blocked_s" in event else ""
+        return f"checkpoint saved: {event['uri']}{blocked}"
     if kind == "done":
         return f"final adapter: {event['adapter_uri']}"
     return None

@@ -28,6 +28,7 @@ from orchestrator.train.model import build_adapted_model, frozen_weights_checksu
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config` holds the validated spec, resolved paths and run identity."""
+    worker_started = time.perf_counter()
     from orchestrator.builtin import cache_home
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
@@ -94,6 +95,8 @@ def train_loop(config: dict[str, Any]) -> None:
             window["tokens"] += int(batch["attention_mask"].sum())
         if step == start_step:  # and once more after a real step: the scheduler has run by now
             check_rates(engine.optimizer, built_rates)
+            if rank == 0:  # tells the user (and bench/) that start-up is over, without a collective
+                _emit(progress, event="first_step", step=step + 1, worker_s=time.perf_counter() - worker_started)
         done = step + 1
         is_last = done == spec.train.max_steps
         eval_due = is_last or (spec.train.eval_every and done % spec.train.eval_every == 0)
@@ -116,13 +119,15 @@ def train_loop(config: dict[str, Any]) -> None:
             _emit(progress, event="step", max_steps=spec.train.max_steps, elapsed=time.perf_counter() - run_started,
                   start_step=start_step, **metrics)
         if checkpoint_due:
-            if last_checkpoint_dir is not None:
-                shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
-            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3, export)
+            blocking_started = time.perf_counter()
+            # Mid-run checkpoints upload in the background and Ray removes their local copy; the last one stays.
+            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3, export,
+                                             final=is_last)
             if rank == 0:
-                _emit(progress, event="checkpoint", step=done, uri=run.layout.uri + f"/checkpoints/step-{done:08d}")
-        elif eval_due:
-            ray.train.report(metrics)
+                _emit(progress, event="checkpoint", step=done, uri=run.layout.uri + f"/checkpoints/step-{done:08d}",
+                      blocked_s=time.perf_counter() - blocking_started)
+        elif eval_due:  # in Ray's report thread: waits there for an upload still running, not here
+            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
         faults.maybe_fail(config["run_id"], done, rank)
 
     base_checksum_after = frozen_weights_checksum(engine.module, zero3=zero3)
@@ -177,13 +182,14 @@ def evaluate(engine, batches, pad_id: int) -> float:
 
 
 def checkpoint(engine, run, step: int, metrics: dict, trainer_state: dict, history: list, rank: int, zero3: bool,
-               export) -> Path:
-    """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective."""
+               export, final: bool) -> Path | None:
+    """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective.
+    Returns the local copy of the final checkpoint (a mid-run one belongs to Ray's upload thread)."""
     local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{step}-rank{rank}-"))
     save_adapter(engine.module, local / "adapter", zero3=zero3, is_writer=rank == 0, export=export)
     save_training_state(engine, local, rank, dict(trainer_state))
-    run.report_checkpoint(local, step, metrics, history, rank)
-    return local
+    run.report_checkpoint(local, step, metrics, history, rank, final=final)
+    return local if final else None
 
 
 def probe_logits(engine, example, pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,152 @@
+"""The CPU benchmarks of issue 9, each run side by side with its baseline in one process tree.
+
+Every function returns Figures; bench/__main__.py prints them. Contenders run as commands (so that
+start-up and exit count) on the same workload (bench.workload): same model, batches, order and steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bench.measure import Timed, python, run_timed
+from bench.workload import BATCH, Workload, build_workload, job_spec
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    op: str       # "<=" or ">="
+    goal: float
+    unit: str     # "ratio", "s" or "%"
+    detail: str = ""
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.goal if self.op == "<=" else self.value >= self.goal
+
+    def line(self) -> str:
+        key = "ratio" if self.unit == "ratio" else f"value_{self.unit.replace('%', 'pct')}"
+        text = f"{self.name}: {key}={self.value:.3f} goal={self.op}{self.goal:g} {'met' if self.met else 'missed'}"
+        return f"{text}  ({self.detail})" if self.detail else text
+
+
+@dataclass
+class Bench:
+    root: Path          # workloads, specs and each run's embedded store live here
+    steps: int          # optimizer steps per contender
+    warmup_steps: int = 10
+
+    def workload(self, **shape) -> Workload:
+        return build_workload(self.root / "workload", **shape)
+
+    def orchestrator(self, spec: dict, tag: str) -> Timed:
+        """`orchestrator run --local` as a user types it; local mode starts (and stops) its own store."""
+        path = self.root / f"{tag}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "ORCHESTRATOR_STORE_DIR": str(self.root / f"store-{tag}")}
+        return run_timed(python("-m", "orchestrator", "run", "--local", str(path)), env=env)
+
+    def baseline(self, kind: str, spec: dict, tag: str) -> Timed:
+        path = self.root / f"{tag}.json"
+        path.write_text(json.dumps(spec))
+        return run_timed(python("-m", "bench.baselines", kind, str(path)))
+
+
+def throughput(bench: Bench) -> list[Figure]:
+    """1 worker, ZeRO-0, against the loop a user would write with PEFT: tokens/s, steady state."""
+    spec = job_spec(bench.workload(), name="bench-throughput", steps=bench.steps, workers=1, zero_stage=0)
+    plain = bench.baseline("plain", spec, "throughput-plain")
+    ours = bench.orchestrator(spec, "throughput")
+    plain_rate, our_rate = plain.steady_tokens_per_s(bench.warmup_steps), ours.steady_tokens_per_s(bench.warmup_steps)
+    return [Figure("throughput_vs_plain_peft", our_rate / plain_rate, ">=", 0.90, "ratio",
+                   f"{our_rate:,.0f} vs {plain_rate:,.0f} tok/s")]
+
+
+def overhead(bench: Bench) -> list[Figure]:
+    """2 workers, ZeRO-2, against the same model, optimizer and DeepSpeed config launched bare (no Ray)."""
+    spec = job_spec(bench.workload(), name="bench-overhead", steps=bench.steps, workers=2, zero_stage=2)
+    bare = bench.baseline("deepspeed", spec, "overhead-bare")
+    ours = bench.orchestrator(spec, "overhead")
+    bare_rate, our_rate = bare.steady_tokens_per_s(bench.warmup_steps), ours.steady_tokens_per_s(bench.warmup_steps)
+    return [
+        Figure("step_time_vs_bare_deepspeed", bare_rate / our_rate, "<=", 1.05, "ratio",
+               f"{our_rate:,.0f} vs {bare_rate:,.0f} tok/s"),
+        Figure("time_to_first_step", ours.first_step_s, "<=", 12, "s",
+               f"bare DeepSpeed {bare.first_step_s:.1f} s, ratio {ours.first_step_s / bare.first_step_s:.2f}"),
+        Figure("last_step_to_exit", ours.teardown_s, "<=", 5, "s",
+               f"adapter, summary and manifests in storage; bare DeepSpeed {bare.teardown_s:.1f} s without saving"),
+    ]
+
+
+def checkpoint_cost(bench: Bench, checkpoint_every: int = 50) -> list[Figure]:
+    """Bytes of one checkpoint's adapter against the base model, and time the loop stood still for it."""
+    workload = bench.workload()
+    steps = max(bench.steps, checkpoint_every + bench.warmup_steps)
+    spec = job_spec(workload, name="bench-checkpoint", steps=steps, workers=2, zero_stage=2,
+                    checkpoint_every=checkpoint_every)
+    ours = bench.orchestrator(spec, "checkpoint")
+    adapter_bytes = _stored_adapter_bytes(bench.root / "store-checkpoint")
+    base_bytes = sum(f.stat().st_size for f in Path(workload.model_dir).glob("*.safetensors"))
+    mid_run = ours.checkpoint_blocked_s[:-1]  # the last one is part of last_step_to_exit
+    training_s = ours.step_seen_s[max(ours.step_seen_s)] - ours.first_step_s
+    return [
+        Figure("adapter_bytes_vs_base", adapter_bytes / base_bytes, "<=", 0.01, "ratio",
+               f"{adapter_bytes:,} vs {base_bytes:,} bytes"),
+        Figure("checkpoint_blocking_share", 100 * sum(mid_run) / training_s, "<=", 2, "%",
+               f"{len(mid_run)} checkpoint(s) every {checkpoint_every} steps blocked {sum(mid_run):.2f} s "
+               f"of {training_s:.1f} s training"),
+    ]
+
+
+def _stored_adapter_bytes(store_dir: Path) -> int:
+    """The final adapter's safetensors size, read back from the run's (restarted) embedded store."""
+    from orchestrator.storage.fs import open_storage
+    from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore, exported_env
+
+    with EmbeddedObjectStore(store_dir) as store, exported_env(store.env()):
+        storage = open_storage(f"s3://{DEFAULT_BUCKET}")
+        found = [p for p in storage.fs.find(f"{DEFAULT_BUCKET}/runs/bench-checkpoint")
+                 if p.endswith("/adapter/adapter_model.safetensors")]
+        return storage.fs.size(found[0])
+
+
+def scaling(bench: Bench) -> list[Figure]:
+    """Step time against sequence length and model size (1 worker, ZeRO-0), each growth divided by the
+    growth of training FLOPs: a ratio near or below 1 means cost grows no faster than the work."""
+    points = {"seq": [dict(seq=64), dict(seq=128), dict(seq=256)],
+              "model": [dict(hidden=128), dict(hidden=256), dict(hidden=512)]}
+    figures = []
+    for axis, shapes in points.items():
+        measured = []
+        for shape in shapes:
+            workload = bench.workload(**shape)
+            spec = job_spec(workload, name=f"bench-scaling-{axis}", steps=bench.steps, workers=1, zero_stage=0)
+            rate = bench.orchestrator(spec, f"scaling-{axis}-{'-'.join(map(str, shape.values()))}").steady_tokens_per_s(
+                bench.warmup_steps)
+            measured.append((workload, BATCH * workload.seq / rate, training_flops_per_step(workload)))
+        (small, t0, f0), (large, t1, f1) = measured[0], measured[-1]
+        steps_ms = ", ".join(f"{w.seq if axis == 'seq' else w.hidden}: {t * 1000:.0f} ms" for w, t, _ in measured)
+        figures.append(Figure(f"scaling_{axis}_time_growth_vs_flops_growth", (t1 / t0) / (f1 / f0), "<=", 1.25, "ratio",
+                              f"step time {steps_ms}; FLOPs ×{f1 / f0:.2f}, time ×{t1 / t0:.2f}"))
+    return figures
+
+
+def training_flops_per_step(workload: Workload) -> float:
+    """LoRA accounting per token: 4·N_base (forward + input gradients through the frozen base) + 6·N_adapter,
+    plus attention scores and values (forward 4·seq·hidden per layer, ×3 with backward)."""
+    from bench.workload import RANK
+
+    hidden, layers, seq = workload.hidden, workload.layers, workload.seq
+    intermediate = hidden * 8 // 3
+    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate
+    head = hidden * 260
+    base = layers * per_layer + head
+    adapter = layers * RANK * (4 * (hidden + hidden) + 3 * (hidden + intermediate))  # all-linear leaves lm_head out
+    attention = 3 * 4 * seq * hidden * layers
+    return BATCH * seq * (4 * base + 6 * adapter + attention)
