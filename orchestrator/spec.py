@@ -103,7 +103,9 @@ class ScalingSpec(_Section):
     num_workers: int = Field(2, ge=1, description="Training workers (DeepSpeed ranks).")
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (one rank per GPU is usual).")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description=(
+        "CPUs per worker (Ray sets each worker's torch threads from it). Left out in local mode: the "
+        "machine's CPUs split evenly among the workers."))
     accelerator_type: Optional[str] = Field(
         None, pattern=r"^[A-Za-z0-9_-]+$", description="Place workers only on nodes with this accelerator (Ray's name, e.g. A100, H100)."
     )

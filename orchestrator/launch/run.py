@@ -12,7 +12,7 @@ from orchestrator import tracking
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.progress import ProgressPrinter
-from orchestrator.launch.runtime import ray_runtime, require_resources, storage_for
+from orchestrator.launch.runtime import require_resources, storage_and_ray, with_local_cpu_share
 from orchestrator.plan import build_plan
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.storage.fs import open_storage
@@ -87,9 +87,11 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
     echo(f"plan: {plan.trainable_parameters:,} trainable of {plan.base_parameters + plan.trainable_parameters:,} "
          f"parameters ({plan.trainable_percent:.3f}%), ZeRO-{spec.deepspeed.zero_stage}, "
          f"{spec.scaling.num_workers} workers, global batch {plan.global_batch}")
-    with storage_for(spec, local, echo) as storage_uri, ray_runtime(spec, local):
+    with storage_and_ray(spec, local, echo) as storage_uri:
         storage = open_storage(storage_uri, spec.storage.endpoint_url)
         storage.check_writable()
+        if local:
+            spec = with_local_cpu_share(spec)
         require_resources(spec)  # Ray Train would otherwise wait forever for workers that cannot be placed
         layout, exists = choose_run(storage, spec, run_id, resume)
         if exists:

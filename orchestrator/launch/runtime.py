@@ -14,6 +14,28 @@ from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore
 
 
 @contextmanager
+def storage_and_ray(spec: JobSpec, local: bool, echo, idle_driver_slots: int = 0) -> Iterator[str]:
+    """The storage URI with Ray running. In local mode without storage.uri, the embedded store comes up
+    while Ray starts (saving ~2 s of a local run's start on 2 cores). It stops after Ray: asked to stop
+    while Ray's workers still held connections to it, it took 15 s instead of 2 to exit."""
+    import ray
+
+    if spec.storage.uri is not None or not local or ray.is_initialized():
+        with storage_for(spec, local, echo) as storage_uri, ray_runtime(spec, local, idle_driver_slots):
+            yield storage_uri
+        return
+    store = EmbeddedObjectStore(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
+    store.launch()  # credentials and endpoint are known now; exported before Ray so that its workers inherit them
+    try:
+        with exported_env(store.env()), ray_runtime(spec, local, idle_driver_slots):
+            store.wait_until_serving()
+            echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
+            yield f"s3://{DEFAULT_BUCKET}"
+    finally:
+        store.stop()
+
+
+@contextmanager
 def storage_for(spec: JobSpec, local: bool, echo) -> Iterator[str]:
     """Yield the storage URI: the spec's, or an embedded S3 server's in local mode."""
     if spec.storage.uri is not None:
@@ -57,6 +79,19 @@ def serve_store(data_dir: str | None, echo=print) -> None:
         while store.running():
             time.sleep(1)
         raise OrchestratorError(f"embedded object store exited (log: {store.data_dir / 'weed.log'})")
+
+
+def with_local_cpu_share(spec: JobSpec) -> JobSpec:
+    """Local mode: a worker whose CPUs the spec leaves out gets an equal share of the local Ray's.
+
+    Ray sets a worker's torch threads (OMP_NUM_THREADS) from its CPUs, so one worker at the default 1
+    would leave the rest of the machine idle (measured: 0.61x a plain loop's tokens/s on 2 cores)."""
+    import ray
+
+    if "cpus_per_worker" in spec.scaling.model_fields_set:
+        return spec
+    share = float(max(1, int(ray.cluster_resources().get("CPU", 1)) // spec.scaling.num_workers))
+    return spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"cpus_per_worker": share})})
 
 
 def require_resources(spec: JobSpec) -> None:

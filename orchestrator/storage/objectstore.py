@@ -85,6 +85,12 @@ class EmbeddedObjectStore:
         self._log_path = self.data_dir / "weed.log"
 
     def start(self, timeout_s: float = 60.0) -> "EmbeddedObjectStore":
+        self.launch()
+        self.wait_until_serving(timeout_s)
+        return self
+
+    def launch(self) -> None:
+        """Start the server without waiting for it: its endpoint and credentials are known at once."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ports = self._ports = self._ports or dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
         self.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
@@ -100,10 +106,8 @@ class EmbeddedObjectStore:
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
-        self._wait_until_serving(timeout_s)
-        return self
 
-    def _wait_until_serving(self, timeout_s: float) -> None:
+    def wait_until_serving(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
