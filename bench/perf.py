@@ -102,10 +102,24 @@ def checkpoint_cost(bench: Bench, checkpoint_every: int = 50) -> list[Figure]:
     return [
         Figure("adapter_bytes_vs_base", adapter_bytes / base_bytes, "<=", 0.01, "ratio",
                f"{adapter_bytes:,} vs {base_bytes:,} bytes"),
+        Figure("adapter_bytes_vs_base_llama2_7b", _adapter_fraction_at_7b(spec), "<=", 0.01, "ratio",
+               "same job on Llama-2-7B's config: exact counts from `orchestrator plan`, same dtype for both"),
         Figure("checkpoint_blocking_share", 100 * sum(mid_run) / training_s, "<=", 2, "%",
                f"{len(mid_run)} checkpoint(s) every {checkpoint_every} steps blocked {sum(mid_run):.2f} s "
                f"of {training_s:.1f} s training"),
     ]
+
+
+def _adapter_fraction_at_7b(spec: dict) -> float:
+    from transformers import LlamaConfig
+
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import validate_spec
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    plan = build_plan(validate_spec(spec), config)
+    return plan.trainable_parameters / plan.base_parameters
 
 
 def _stored_adapter_bytes(store_dir: Path) -> int:
