@@ -21,13 +21,14 @@ def storage_and_ray(spec: JobSpec, local: bool, echo, idle_driver_slots: int = 0
     import ray
 
     if spec.storage.uri is not None or not local or ray.is_initialized():
-        with storage_for(spec, local, echo) as storage_uri, ray_runtime(spec, local, idle_driver_slots):
+        with storage_for(spec, local, echo) as storage_uri, ray_runtime(spec, local, idle_driver_slots,
+                                                                        trim_train_helpers=local):
             yield storage_uri
         return
     store = EmbeddedObjectStore(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
     store.launch()  # credentials and endpoint are known now; exported before Ray so that its workers inherit them
     try:
-        with exported_env(store.env()), ray_runtime(spec, local, idle_driver_slots):
+        with exported_env(store.env()), ray_runtime(spec, local, idle_driver_slots, trim_train_helpers=True):
             store.wait_until_serving()
             echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
             yield f"s3://{DEFAULT_BUCKET}"
@@ -119,15 +120,16 @@ def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
     )
 
 
-# Local mode owns a one-machine Ray: no node can be preempted and nothing scrapes Train's metrics, so
+# A local run owns a one-machine Ray: no node can be preempted and nothing scrapes Train's metrics, so
 # those helpers only take CPU from the workers; and a controller polling every second instead of two
-# notices the end of training sooner. A variable already set wins.
+# notices the end of training sooner. A variable already set wins. Searches keep Ray's defaults (not
+# measured there; a local search stalled on worker placement with them, and the cause is not known).
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
 
 
 @contextmanager
-def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0) -> Iterator[None]:
+def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_train_helpers: bool = False) -> Iterator[None]:
     """Use a running Ray; else start one in-process (local) or connect to RAY_ADDRESS.
 
     `idle_driver_slots`: extra CPUs declared in local mode for processes that mostly wait (Tune's
@@ -138,10 +140,10 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0) -> Itera
     if ray.is_initialized():
         yield
         return
+    trimmed = {k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ} if local and trim_train_helpers else {}
     if local:
         cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
-        for name, value in LOCAL_RAY_ENV.items():  # read by the Train controller, which inherits them
-            os.environ.setdefault(name, value)
+        os.environ.update(trimmed)  # the Train controller inherits them; restored when this Ray shuts down
         ray.init(
             num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots,
             # The dashboard serves the state API that Train V2's PlacementGroupCleaner polls.
@@ -163,3 +165,5 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0) -> Itera
         yield
     finally:
         ray.shutdown()
+        for name in trimmed:
+            os.environ.pop(name, None)

@@ -23,7 +23,7 @@ from orchestrator import tracking
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.run import build_trainer, worker_config
-from orchestrator.launch.runtime import storage_and_ray
+from orchestrator.launch.runtime import ray_runtime, storage_for
 from orchestrator.search_space import trial_count
 from orchestrator.spec import JobSpec, spec_to_yaml, trial_raw, validate_spec
 from orchestrator.storage.fs import open_storage
@@ -83,12 +83,13 @@ def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print)
     tracker = tracking.connect(spec)  # a missing MLflow or an unreachable server fails before anything runs
     resolved = preflight(spec)
     search = spec.tune.name or spec.name
-    with storage_and_ray(spec, local, echo, idle_driver_slots=1) as storage_uri:
+    with storage_for(spec, local, echo) as storage_uri:
         storage = open_storage(storage_uri, spec.storage.endpoint_url)
         storage.check_writable()
         search_dir = storage.path("tune", search)
-        results = _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo, tracker)
-        leaderboard, best = publish(spec, search, storage, search_dir, results, echo)
+        with ray_runtime(spec, local, idle_driver_slots=1):
+            results = _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo, tracker)
+            leaderboard, best = publish(spec, search, storage, search_dir, results, echo)
     return TuneResult(f"{storage.uri}/tune/{search}", leaderboard, best)
 
 

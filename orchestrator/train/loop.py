@@ -119,15 +119,15 @@ def train_loop(config: dict[str, Any]) -> None:
             _emit(progress, event="step", max_steps=spec.train.max_steps, elapsed=time.perf_counter() - run_started,
                   start_step=start_step, **metrics)
         if checkpoint_due:
+            if last_checkpoint_dir is not None:
+                shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
             blocking_started = time.perf_counter()
-            # Mid-run checkpoints upload in the background and Ray removes their local copy; the last one stays.
-            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3, export,
-                                             final=is_last)
+            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3, export)
             if rank == 0:
                 _emit(progress, event="checkpoint", step=done, uri=run.layout.uri + f"/checkpoints/step-{done:08d}",
                       blocked_s=time.perf_counter() - blocking_started)
-        elif eval_due:  # in Ray's report thread: waits there for an upload still running, not here
-            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        elif eval_due:
+            ray.train.report(metrics)
         faults.maybe_fail(config["run_id"], done, rank)
 
     base_checksum_after = frozen_weights_checksum(engine.module, zero3=zero3)
@@ -182,14 +182,15 @@ def evaluate(engine, batches, pad_id: int) -> float:
 
 
 def checkpoint(engine, run, step: int, metrics: dict, trainer_state: dict, history: list, rank: int, zero3: bool,
-               export, final: bool) -> Path | None:
+               export) -> Path:
     """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective.
-    Returns the local copy of the final checkpoint (a mid-run one belongs to Ray's upload thread)."""
+    Synchronous on purpose: "checkpoint saved" means the checkpoint is complete in storage, so a
+    failure right after it resumes from it (a background upload lost it in CI; see docs/benchmarks.md)."""
     local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{step}-rank{rank}-"))
     save_adapter(engine.module, local / "adapter", zero3=zero3, is_writer=rank == 0, export=export)
     save_training_state(engine, local, rank, dict(trainer_state))
-    run.report_checkpoint(local, step, metrics, history, rank, final=final)
-    return local if final else None
+    run.report_checkpoint(local, step, metrics, history, rank)
+    return local
 
 
 def probe_logits(engine, example, pad_id: int) -> dict[str, torch.Tensor]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +25,6 @@ def _broadcast(value: Any) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def _merged(per_rank_hashes: list[dict[str, str]], step: int) -> dict[str, str]:
-    files: dict[str, str] = {}
-    for hashes in per_rank_hashes:
-        for name, digest in hashes.items():
-            if files.setdefault(name, digest) != digest:
-                raise RuntimeError(f"two workers wrote different {name} into checkpoint step {step}")
-    return files
 
 
 def _all_ranks_agree(flag: bool) -> bool:
@@ -82,55 +71,26 @@ class RunStorage:
     def write_metrics(self, history: list[dict]) -> None:
         self.storage.write_text(self.layout.metrics, "".join(json.dumps(m) + "\n" for m in history))
 
-    def report_checkpoint(self, local: Path, step: int, metrics: dict, history: list[dict], rank: int,
-                          final: bool) -> None:
-        """Upload every rank's files into checkpoints/step-N/ through Ray, then write its manifest last.
-
-        A mid-run checkpoint uploads in the background (Ray's ASYNC mode) while training goes on: each
-        rank's upload thread copies its files, and rank 0's then waits until every rank's files are in
-        storage before it writes the manifest, so a checkpoint without a manifest is never resumed from.
-        Ray deletes the local copy after the upload. The final checkpoint uploads synchronously and
-        stays local, since finish() publishes its adapter.
-        """
+    def report_checkpoint(self, local: Path, step: int, metrics: dict, history: list[dict], rank: int) -> None:
+        """Upload every rank's files into checkpoints/step-N/ through Ray, then write its manifest last."""
         import ray.train
 
         per_rank_hashes: list[dict[str, str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(per_rank_hashes, hash_local_dir(local))
-        files = _merged(per_rank_hashes, step)
-        checkpoint = ray.train.Checkpoint.from_directory(str(local))
-        if not final:
-            from ray.train import CheckpointUploadMode
-
-            upload = functools.partial(self._upload_then_publish, ray.train.get_context().get_storage(), step=step,
-                                       files=files, history=list(history), publisher=rank == 0)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step),
-                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload,
-                             delete_local_checkpoint_after_upload=True)
-            return
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step),
-                         delete_local_checkpoint_after_upload=False)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+            checkpoint_dir_name=checkpoint_dir_name(step), delete_local_checkpoint_after_upload=False,
+        )
         dist.barrier()  # every rank's upload has finished
         if rank == 0:
-            self._publish(step, files, history)
+            files: dict[str, str] = {}
+            for hashes in per_rank_hashes:
+                for name, digest in hashes.items():
+                    if files.setdefault(name, digest) != digest:
+                        raise RuntimeError(f"two workers wrote different {name} into checkpoint step {step}")
+            write_manifest(self.storage, self.layout.checkpoint(step), build_manifest(files, step=step))
+            self.write_metrics(history)
         dist.barrier()
-
-    def _upload_then_publish(self, ray_storage, checkpoint, dir_name: str, *, step: int, files: dict[str, str],
-                             history: list[dict], publisher: bool, timeout_s: float = 3600):
-        """Ray's upload thread: this rank's files, then (rank 0) the manifest once all ranks' files are there."""
-        persisted = ray_storage.persist_current_checkpoint(checkpoint, dir_name)
-        if publisher:
-            directory = self.layout.checkpoint(step)
-            deadline = time.monotonic() + timeout_s
-            while missing := set(files) - set(self.storage.list_files(directory)):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"checkpoint step {step}: {len(missing)} files of other workers never arrived")
-                time.sleep(0.5)
-            self._publish(step, files, history)
-        return persisted
-
-    def _publish(self, step: int, files: dict[str, str], history: list[dict]) -> None:
-        write_manifest(self.storage, self.layout.checkpoint(step), build_manifest(files, step=step))
-        self.write_metrics(history)
 
     def finish(self, last_checkpoint: Path | None, summary: dict, probe: dict[str, torch.Tensor]) -> None:
         """Publish the final adapter, summary and logits probe, then the run manifest, last. Rank 0 only."""
