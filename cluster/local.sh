@@ -5,7 +5,9 @@
 #   cluster/local.sh [NUM_CPUS]            # then, in another shell:
 #   export RAY_ADDRESS=http://127.0.0.1:8265
 #   orchestrator submit jobs/cluster-local.yaml --follow
-# RAY_HEAD_PORT (6379) and RAY_DASHBOARD_PORT (8265) move it when those ports are taken.
+# RAY_HEAD_PORT (6379) and RAY_DASHBOARD_PORT (8265) move it when those ports are taken. The job
+# agent takes any free port (RAY_DASHBOARD_AGENT_PORT sets one): at Ray's fixed 52365 it cannot start
+# beside another Ray on this machine, and the head then answers every submission "No available agent".
 set -euo pipefail
 num_cpus="${1:-$(nproc)}"
 gcs_port="${RAY_HEAD_PORT:-6379}"
@@ -17,4 +19,5 @@ fi
 exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN \
   RAY_AUTH_MODE=token RAY_ADDRESS="127.0.0.1:$gcs_port" \
   ray start --head --block --node-ip-address=127.0.0.1 --port="$gcs_port" \
-  --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --num-cpus="$num_cpus"
+  --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --num-cpus="$num_cpus" \
+  --dashboard-agent-listen-port="${RAY_DASHBOARD_AGENT_PORT:-0}"

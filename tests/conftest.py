@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.builtin import cache_home
+from orchestrator.launch.runtime import start_local_ray
 from orchestrator.storage.objectstore import EmbeddedObjectStore, exported_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def ray_session(object_store, faults_file):
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
     os.environ["ORCHESTRATOR_FAULTS"] = str(faults_file)
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -226,3 +226,37 @@ def test_placement_of_a_4_worker_gpu_job_on_fake_gpu_nodes():
         assert outcome[strategy]["placed"] and len(nodes) == 4 and "head" not in nodes  # the head has no GPU
     assert len(set(outcome["STRICT_PACK"]["nodes"])) == 1
     assert not outcome["STRICT_SPREAD"]["placed"]  # one worker per node needs 4 nodes; there are 2
+
+
+class _HeadStartingUp:
+    """Ray's job client against a head whose job agent registers after `busy` refusals (a remote head cannot run here)."""
+
+    def __init__(self, busy: int, error: str = "Request failed with status code 500: No available agent to submit job, please try again later."):
+        self.busy, self.error, self.calls = busy, error, 0
+
+    def submit_job(self, **job):
+        self.calls += 1
+        if self.calls <= self.busy:
+            raise RuntimeError(self.error)
+        return job["submission_id"]
+
+
+def test_submit_waits_for_the_job_agent_of_a_head_that_just_started(monkeypatch):
+    from orchestrator.launch import submit as submit_module
+    from orchestrator.launch.cluster_client import Cluster
+
+    monkeypatch.setattr(submit_module, "AGENT_RETRY_S", 0)
+    said = []
+    starting = Cluster("http://head:8265", {}, _HeadStartingUp(busy=3))
+    submit_module._submit_when_an_agent_is_up(starting, said.append, submission_id="x")
+    assert starting.client.calls == 4 and len(said) == 1 and "no job agent yet" in said[0]
+
+    monkeypatch.setattr(submit_module, "AGENT_WAIT_S", 0)
+    never = Cluster("http://head:8265", {}, _HeadStartingUp(busy=10**6))
+    with pytest.raises(ClusterError, match="refused the job: .*No available agent"):
+        submit_module._submit_when_an_agent_is_up(never, said.append, submission_id="x")
+
+    refused = Cluster("http://head:8265", {}, _HeadStartingUp(busy=1, error="runtime_env: bad pip spec"))
+    with pytest.raises(ClusterError, match="refused the job: runtime_env: bad pip spec"):
+        submit_module._submit_when_an_agent_is_up(refused, said.append, submission_id="x")
+    assert refused.client.calls == 1

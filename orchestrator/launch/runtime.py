@@ -10,7 +10,7 @@ from typing import Iterator
 from orchestrator.builtin import cache_home
 from orchestrator.errors import OrchestratorError
 from orchestrator.spec import JobSpec
-from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore, exported_env
+from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore, exported_env, free_ports
 
 
 @contextmanager
@@ -123,7 +123,7 @@ def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
 # A local run owns a one-machine Ray: no node can be preempted and nothing scrapes Train's metrics, so
 # those helpers only take CPU from the workers; and a controller polling every second instead of two
 # notices the end of training sooner. A variable already set wins. Searches keep Ray's defaults (not
-# measured there; a local search stalled on worker placement with them, and the cause is not known).
+# measured there).
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
 
@@ -144,13 +144,7 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
     if local:
         cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
         os.environ.update(trimmed)  # the Train controller inherits them; restored when this Ray shuts down
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots,
-            # The dashboard serves the state API that Train V2's PlacementGroupCleaner polls.
-            include_dashboard=True,
-            logging_level="WARNING",
-            log_to_driver=True,
-        )
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots, log_to_driver=True)
     else:
         address = os.environ.get("RAY_ADDRESS", "auto")
         try:
@@ -167,3 +161,31 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
         ray.shutdown()
         for name in trimmed:
             os.environ.pop(name, None)
+
+
+def start_local_ray(**init_options) -> None:
+    """Start a one-machine Ray whose own processes find its state API even beside another Ray instance.
+
+    Train V2's PlacementGroupCleaner asks the state API (served by the dashboard) whether the controller
+    still lives. With no address given, Ray looks for "the" local instance and raises when it finds two
+    (a cluster/local.sh head, another run): the cleaner's thread dies, and the placement group of every
+    Tune trial stopped at max_t or by the scheduler is never freed, so the next trials wait for CPUs
+    forever. Ray's processes inherit the driver's environment at start, so the dashboard address is
+    set only around ray.init: nothing else this process starts later is pointed at this instance.
+    """
+    import ray
+
+    dashboard_port = free_ports(1)[0]
+    saved = os.environ.get(API_SERVER_VARIABLE)
+    os.environ[API_SERVER_VARIABLE] = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                 logging_level="WARNING", **init_options)
+    finally:
+        if saved is None:
+            os.environ.pop(API_SERVER_VARIABLE, None)
+        else:
+            os.environ[API_SERVER_VARIABLE] = saved
+
+
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read before RAY_ADDRESS by Ray's state-API clients

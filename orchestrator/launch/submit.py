@@ -13,6 +13,7 @@ They travel as a file in the working_dir (stored in the cluster's GCS like the j
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shlex
@@ -148,13 +149,10 @@ def submit(spec: JobSpec, *, address: str | None = None, tune: bool = False, run
     submission_id = f"{spec.name}-{kind}-{new_run_id()}"
     with tempfile.TemporaryDirectory(prefix="orchestrator-submit-") as staging:
         env = build_runtime_env(Path(staging), spec, runtime_env, cluster_credentials)
-        try:
-            cluster.client.submit_job(
-                entrypoint=entrypoint(kind, run_id, resume), runtime_env=env, submission_id=submission_id,
-                metadata={"orchestrator": orchestrator.__version__, "kind": kind, "job": spec.name, "results": results_uri},
-            )
-        except Exception as error:  # Ray raises RuntimeError with the server's text (e.g. a bad runtime env)
-            raise ClusterError(f"cluster {cluster.url} refused the job: {_first_line(error)}") from None
+        _submit_when_an_agent_is_up(cluster, echo, entrypoint=entrypoint(kind, run_id, resume), runtime_env=env,
+                                    submission_id=submission_id, metadata={
+                                        "orchestrator": orchestrator.__version__, "kind": kind, "job": spec.name,
+                                        "results": results_uri})
     submission = Submission(submission_id, cluster.job_link(submission_id), results_uri)
     echo(f"submitted {submission_id} ({kind} of {spec.name}) to {cluster.url}")
     echo(f"  dashboard: {submission.dashboard_link}")
@@ -163,6 +161,26 @@ def submit(spec: JobSpec, *, address: str | None = None, tune: bool = False, run
     if follow:
         submission.status = follow_logs(cluster, submission_id, echo)
     return submission
+
+
+def _submit_when_an_agent_is_up(cluster: Cluster, echo, **job) -> None:
+    """Submit; while a head that has just started has no job agent yet (Ray answers 500 "No available
+    agent to submit job, please try again later" for its first seconds), wait for one."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    for attempt in itertools.count():
+        try:
+            cluster.client.submit_job(**job)
+            return
+        except Exception as error:  # Ray raises RuntimeError with the server's text (e.g. a bad runtime env)
+            if NO_AGENT_YET not in str(error) or time.monotonic() > deadline:
+                raise ClusterError(f"cluster {cluster.url} refused the job: {_first_line(error)}") from None
+            if attempt == 0:
+                echo(f"the cluster has no job agent yet (a head that just started); waiting up to {AGENT_WAIT_S} s")
+            time.sleep(AGENT_RETRY_S)
+
+
+NO_AGENT_YET = "No available agent to submit job"
+AGENT_WAIT_S, AGENT_RETRY_S = 60, 2
 
 
 def _warn_if_it_does_not_fit(cluster: Cluster, spec: JobSpec, echo) -> None:

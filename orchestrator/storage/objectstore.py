@@ -58,7 +58,7 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     sockets = []
     try:
         for _ in range(count):
@@ -92,7 +92,7 @@ class EmbeddedObjectStore:
     def launch(self) -> None:
         """Start the server without waiting for it: its endpoint and credentials are known at once."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        ports = self._ports = self._ports or dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+        ports = self._ports = self._ports or dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
         self.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
         command = [
             weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

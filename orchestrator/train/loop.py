@@ -86,13 +86,14 @@ def train_loop(config: dict[str, Any]) -> None:
             method.before_step(engine.module, spec.adapter, step, zero3)
         for micro_step in range(spec.train.grad_accum):
             batch = data_lib.collate([train_set[i] for i in schedule.indices(step, micro_step)], pad_id)
-            batch = {key: value.to(engine.device) for key, value in batch.items()}
+            window["tokens"] += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            batch = {key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            window["loss_sum"] += loss.item()
+            # Kept on the device until the next log: `.item()` here would wait for the GPU every step.
+            window["loss_sum"] = window["loss_sum"] + loss.detach().double()
             window["micro_steps"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
         if step == start_step:  # and once more after a real step: the scheduler has run by now
             check_rates(engine.optimizer, built_rates)
             if rank == 0:  # tells the user (and bench/) that start-up is over, without a collective
@@ -205,7 +206,8 @@ def probe_logits(engine, example, pad_id: int) -> dict[str, torch.Tensor]:
 
 def _window_metrics(window: dict, device) -> dict:
     """Mean train loss and tokens/s since the last log, summed over all workers."""
-    totals = torch.tensor([window["loss_sum"], window["micro_steps"], window["tokens"]], dtype=torch.float64, device=device)
+    loss_sum = torch.as_tensor(window["loss_sum"], dtype=torch.float64, device=device).reshape(1)
+    totals = torch.cat([loss_sum, torch.tensor([window["micro_steps"], window["tokens"]], dtype=torch.float64, device=device)])
     dist.all_reduce(totals)
     elapsed = max(time.perf_counter() - window["started"], 1e-9)
     metrics = {"loss": float(totals[0] / totals[1]), "tokens_per_s": float(totals[2] / elapsed), "tokens": int(totals[2])}
