@@ -90,6 +90,10 @@ class TrainSpec(_Section):
     log_every: int = Field(5, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (from the last checkpoint) before the run fails.")
     seed: int = 0
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute each decoder layer's activations in backward instead of keeping them: activation memory "
+        "of about one layer, for about a third more compute. For long sequences or large models on GPUs; "
+        "the math is unchanged, so a run may resume with it switched."))
 
 
 class DeepSpeedSpec(_Section):

@@ -202,3 +202,37 @@ def test_vera_projections_are_one_storage_shared_by_every_layer():
     assert len({layer.vera_B["default"].data_ptr() for layer in layers}) == 1
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 6 and all(".vera_lambda_b." in n or ".vera_lambda_d." in n for n in trainable)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_gradients(tiny_llama_path, method):
+    from orchestrator.train.model import build_adapted_model
+
+    # Dropout where the method allows it: the recompute must draw the same mask.
+    options = {**METHOD_OPTIONS[method], **({"dropout": 0.1} if method in ("lora", "lora_fa") else {})}
+    grads, layer_calls = {}, {}
+    for recompute in (False, True):
+        spec = validate_spec({**BASE, "adapter": {"method": method, **options, "target_modules": "all-linear"},
+                              "train": {"max_steps": 10, "gradient_checkpointing": recompute}})
+        torch.manual_seed(0)
+        model, _ = build_adapted_model(spec, tiny_llama_path, torch.float64)
+        model.train()
+        for name, parameter in model.named_parameters():  # B starts at zero, which would hide A's gradient
+            if parameter.requires_grad:
+                parameter.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        layers = model.get_base_model().model.layers
+        calls = []
+        # transformers checkpoints the layer's forward, so only hooks inside it see the recompute; a pre-hook,
+        # because the recompute stops once the last saved tensor is rebuilt, before later modules finish.
+        for layer in layers:
+            layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+        ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[recompute] = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        layer_calls[recompute] = len(calls)
+    assert layer_calls == {False: len(layers), True: 2 * len(layers)}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-10, atol=1e-12, msg=name)

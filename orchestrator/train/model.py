@@ -53,6 +53,10 @@ def build_adapted_model(spec: JobSpec, model_path: str, dtype: torch.dtype):
     for parameter in model.parameters():
         if id(parameter) not in base_parameter_ids:
             setattr(parameter, ADAPTER_FLAG, True)
+    if spec.train.gradient_checkpointing:
+        # transformers' default is non-reentrant checkpointing: the frozen base's inputs need no grad
+        # flag, and it recomputes correctly under ZeRO-3's gathered parameters.
+        getattr(model, "get_base_model", lambda: model)().activation_checkpointing_enable()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise RuntimeError("the adapter added no trainable parameters")
