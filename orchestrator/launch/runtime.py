@@ -141,26 +141,27 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
         yield
         return
     trimmed = {k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ} if local and trim_train_helpers else {}
-    if local:
-        cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
-        os.environ.update(trimmed)  # the Train controller inherits them; restored when this Ray shuts down
-        start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots, log_to_driver=True)
-    else:
-        address = os.environ.get("RAY_ADDRESS", "auto")
+    with exported_env(trimmed):  # the driver's Train code and the controller read them while this Ray lives
+        if local:
+            cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
+            start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots, log_to_driver=True)
+        else:
+            address = os.environ.get("RAY_ADDRESS", "auto")
+            try:
+                ray.init(address=address, logging_level="WARNING")
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise OrchestratorError(
+                    f"cannot connect to a Ray cluster at RAY_ADDRESS={address!r} ({first}); use --local for "
+                    f"single-node mode, or `orchestrator submit` to send the job to a cluster"
+                ) from None
         try:
-            ray.init(address=address, logging_level="WARNING")
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise OrchestratorError(
-                f"cannot connect to a Ray cluster at RAY_ADDRESS={address!r} ({first}); use --local for single-node "
-                f"mode, or `orchestrator submit` to send the job to a cluster"
-            ) from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        for name in trimmed:
-            os.environ.pop(name, None)
+            yield
+        finally:
+            ray.shutdown()
+
+
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read before RAY_ADDRESS by Ray's state-API clients
 
 
 def start_local_ray(**init_options) -> None:
@@ -176,16 +177,6 @@ def start_local_ray(**init_options) -> None:
     import ray
 
     dashboard_port = free_ports(1)[0]
-    saved = os.environ.get(API_SERVER_VARIABLE)
-    os.environ[API_SERVER_VARIABLE] = f"http://127.0.0.1:{dashboard_port}"
-    try:
+    with exported_env({API_SERVER_VARIABLE: f"http://127.0.0.1:{dashboard_port}"}):
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                  logging_level="WARNING", **init_options)
-    finally:
-        if saved is None:
-            os.environ.pop(API_SERVER_VARIABLE, None)
-        else:
-            os.environ[API_SERVER_VARIABLE] = saved
-
-
-API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read before RAY_ADDRESS by Ray's state-API clients

@@ -92,7 +92,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             # Kept on the device until the next log: `.item()` here would wait for the GPU every step.
-            window["loss_sum"] = window["loss_sum"] + loss.detach().double()
+            window["loss_sum"] += loss.detach().double()
             window["micro_steps"] += 1
         if step == start_step:  # and once more after a real step: the scheduler has run by now
             check_rates(engine.optimizer, built_rates)
@@ -206,8 +206,8 @@ def probe_logits(engine, example, pad_id: int) -> dict[str, torch.Tensor]:
 
 def _window_metrics(window: dict, device) -> dict:
     """Mean train loss and tokens/s since the last log, summed over all workers."""
-    loss_sum = torch.as_tensor(window["loss_sum"], dtype=torch.float64, device=device).reshape(1)
-    totals = torch.cat([loss_sum, torch.tensor([window["micro_steps"], window["tokens"]], dtype=torch.float64, device=device)])
+    totals = torch.tensor([0.0, window["micro_steps"], window["tokens"]], dtype=torch.float64, device=device)
+    totals[0] += window["loss_sum"]  # a device tensor (or 0.0 for an empty window)
     dist.all_reduce(totals)
     elapsed = max(time.perf_counter() - window["started"], 1e-9)
     metrics = {"loss": float(totals[0] / totals[1]), "tokens_per_s": float(totals[2] / elapsed), "tokens": int(totals[2])}
