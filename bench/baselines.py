@@ -92,7 +92,7 @@ def _deepspeed_worker(rank: int, world: int, port: int, spec_json: str) -> None:
         engine.backward(engine(**batch).loss)
         engine.step()
         if rank == 0:  # every rank's batch is known from the schedule: no extra collective on the hot path
-            _step_line(step + 1, sum(len(examples[i].input_ids) for s in schedules for i in s.indices(step, 0)))
+            _step_line(step + 1, sum(len(examples[i]["input_ids"]) for s in schedules for i in s.indices(step, 0)))
     torch.distributed.destroy_process_group()
 
 

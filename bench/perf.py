@@ -168,3 +168,46 @@ def training_flops_per_step(workload: Workload) -> float:
     adapter = layers * RANK * (4 * (hidden + hidden) + 3 * (hidden + intermediate))  # all-linear leaves lm_head out
     attention = 3 * 4 * seq * hidden * layers
     return BATCH * seq * (4 * base + 6 * adapter + attention)
+
+
+_PREPARE_DATA = """
+import json, sys, time
+from orchestrator.spec import JobSpec
+from orchestrator.train.loop import prepare_data
+from orchestrator.train.model import load_tokenizer
+spec = JobSpec.model_validate(json.loads(sys.argv[1]))
+tokenizer = load_tokenizer(spec.model.path)
+started = time.perf_counter()
+train_set, eval_set = prepare_data(spec, spec.data.path, None, tokenizer)
+print(json.dumps({"seconds": time.perf_counter() - started, "examples": len(train_set) + len(eval_set)}))
+"""
+
+
+def data_cache(bench: Bench, examples: int = 40_000, characters: int = 512) -> list[Figure]:
+    """What a worker spends on its data before the first step, the first time (tokenizing) and then on a
+    restart, a resume or another trial (reading the node's cache): each in a fresh process, as workers are."""
+    import random
+    import string
+    import subprocess
+
+    workload = bench.workload()
+    data_path = bench.root / f"long-{examples}.jsonl"
+    if not data_path.exists():
+        rng = random.Random(0)
+        with open(data_path, "w") as out:
+            for _ in range(examples):
+                words = "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(characters))
+                out.write(json.dumps({"prompt": words[: characters // 4], "completion": words[characters // 4:]}) + "\n")
+    spec = job_spec(workload, name="bench-data", steps=1, workers=1, zero_stage=0)
+    spec["data"] |= {"path": str(data_path), "max_length": characters}
+    env = {**os.environ, "HF_DATASETS_CACHE": str(bench.root / f"hf-datasets-{os.getpid()}")}
+
+    def prepare() -> dict:
+        done = subprocess.run(python("-c", _PREPARE_DATA, json.dumps(spec)), env=env, capture_output=True,
+                              text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, again = prepare(), prepare()
+    return [Figure("data_preparation_cached_vs_first", again["seconds"] / first["seconds"], "<=", 0.1, "ratio",
+                   f"{first['examples']:,} examples of {characters} characters: tokenized in {first['seconds']:.2f} s, "
+                   f"read back in {again['seconds']:.3f} s")]

@@ -57,19 +57,19 @@ def test_missing_field_and_file_are_named(tmp_path):
 def test_loss_covers_only_the_completion(tokenizer):
     examples = tokenize_records([{"prompt": "12+7=", "completion": "19"}], tokenizer, DataSpec(path="x", max_length=64))
     (example,) = examples
-    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "19</s>"
-    assert example.input_ids[0] == tokenizer.bos_token_id
+    assert example["input_ids"][0] == tokenizer.bos_token_id
 
 
 def test_text_field_trains_on_everything(tokenizer):
     (example,) = tokenize_records([{"text": "hello"}], tokenizer, DataSpec(path="x", text_field="text"))
-    assert example.labels == example.input_ids
+    assert example["labels"] == example["input_ids"]
 
 
 def test_padding_is_ignored_by_the_loss(tokenizer):
     examples = tokenize_records(ROWS[:2] + [{"prompt": "100+100=", "completion": "200"}], tokenizer, DataSpec(path="x"))
-    batch = collate(examples, tokenizer.pad_token_id)
+    batch = collate(list(examples), tokenizer.pad_token_id)
     assert ((batch["attention_mask"] == 0) <= (batch["labels"] == IGNORE_INDEX)).all()
 
 
@@ -91,3 +91,53 @@ def test_s3_data_path_loads_through_the_same_credentials(object_store, s3_storag
     storage.write_text(storage.path("data/train.jsonl"), "".join(json.dumps(r) + "\n" for r in ROWS))
     records = load_records(f"{s3_storage_uri}/data/train.jsonl")
     assert len(records) == 20 and records[0]["prompt"] == "0+1="
+
+
+_TOKENIZE_IN_A_FRESH_PROCESS = """
+import json, sys
+from orchestrator.builtin.models import build_tokenizer
+from orchestrator.spec import DataSpec
+from orchestrator.train.data import load_records, tokenize_records
+path, max_length = sys.argv[1], int(sys.argv[2])
+examples = tokenize_records(load_records(path), build_tokenizer(), DataSpec(path=path, max_length=max_length))
+print(json.dumps({"cache": examples.cache_files[0]["filename"], "first": examples[0]["input_ids"]}))
+"""
+
+
+def _tokenize_in_a_fresh_process(path: str, max_length: int, cache_dir) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache_dir)}
+    done = subprocess.run([sys.executable, "-c", _TOKENIZE_IN_A_FRESH_PROCESS, path, str(max_length)],
+                          env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_tokenized_data_is_cached_across_processes_and_keyed_by_what_changes_it(tmp_path):
+    """A restart, another trial or another worker reads the tokenized data back instead of tokenizing again;
+    a different max_length or a rewritten data file must never read a stale cache."""
+    import os
+
+    path = _write("jsonl", tmp_path)
+    cache_dir = tmp_path / "hf-cache"
+    first = _tokenize_in_a_fresh_process(path, 512, cache_dir)
+    written_at = os.stat(first["cache"]).st_mtime_ns
+    again = _tokenize_in_a_fresh_process(path, 512, cache_dir)
+    assert again == first and os.stat(first["cache"]).st_mtime_ns == written_at, "the second process re-tokenized"
+
+    shorter = _tokenize_in_a_fresh_process(path, 6, cache_dir)
+    assert shorter["cache"] != first["cache"] and len(shorter["first"]) == 6 < len(first["first"])
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({**r, "prompt": "x" + r["prompt"]}) + "\n" for r in ROWS))
+    rewritten = _tokenize_in_a_fresh_process(path, 512, cache_dir)
+    assert rewritten["cache"] != first["cache"] and rewritten["first"] != first["first"]
+
+
+def test_examples_without_completion_tokens_are_dropped(tokenizer):
+    rows = [{"prompt": "a long prompt that fills the window", "completion": "x"}, {"prompt": "1+1=", "completion": "2"}]
+    (kept,) = tokenize_records(rows, tokenizer, DataSpec(path="x", max_length=12))
+    assert tokenizer.decode(kept["input_ids"]).startswith("<s>1+1=")
+    with pytest.raises(PreflightError, match="data.max_length: 3 leaves no completion tokens"):
+        tokenize_records(rows, tokenizer, DataSpec(path="x", max_length=3))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,50 +61,81 @@ def check_fields(records, spec: DataSpec, path: str) -> None:
         raise PreflightError(f"data.path: {path} holds no examples")
 
 
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
+def tokenize_records(records, tokenizer, spec: DataSpec):
+    """Token ids and labels as a `datasets.Dataset` (rows: {"input_ids", "labels"}); with prompt+completion
+    the loss covers only the completion (and EOS). Examples left with nothing to train on are dropped.
 
+    Tokenized once: `datasets` caches the result beside the loaded data under a key made of the data's
+    fingerprint, the tokenizer and the data fields, so a restart, a resume, another trial or another
+    worker on the node reads it back (memory-mapped, shared through the page cache) instead of tokenizing.
+    """
+    import datasets
+    from datasets.fingerprint import Hasher
 
-def tokenize_records(records, tokenizer, spec: DataSpec) -> list[Example]:
-    """Token ids and labels; with prompt+completion the loss covers only the completion (and EOS)."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    examples = []
-    for record in records:
-        if spec.text_field:
-            ids = tokenizer(str(record[spec.text_field]))["input_ids"] + eos
-            labels = list(ids)
-        else:
-            prompt = tokenizer(str(record[spec.prompt_field]))["input_ids"]
-            completion = tokenizer(str(record[spec.completion_field]), add_special_tokens=False)["input_ids"] + eos
-            ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
-        ids, labels = ids[: spec.max_length], labels[: spec.max_length]
-        if any(label != IGNORE_INDEX for label in labels[1:]):
-            examples.append(Example(ids, labels))
-    if not examples:
+    if isinstance(records, list):
+        records = datasets.Dataset.from_list(records)
+    fields = {"text_field": spec.text_field, "prompt_field": spec.prompt_field,
+              "completion_field": spec.completion_field, "max_length": spec.max_length}
+    # Given explicitly: hashing the function instead makes dill disassemble it onto a Ray worker's stdout.
+    fingerprint = Hasher.hash([records._fingerprint, tokenizer, fields, _TOKENIZE_VERSION])
+    examples = records.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=records.column_names,
+                           features=_tokenized_features(), fn_kwargs={"tokenizer": tokenizer, **fields},
+                           new_fingerprint=fingerprint)
+    if len(examples) == 0:
         raise PreflightError(f"data.max_length: {spec.max_length} leaves no completion tokens to train on")
     return examples
 
 
-def split_train_eval(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+_TOKENIZE_VERSION = 1  # part of the cache key: bump when _tokenize_batch changes what it produces
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer, text_field, prompt_field, completion_field,
+                    max_length: int) -> dict[str, list]:
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if text_field:
+        ids = [row + eos for row in tokenizer([str(t) for t in batch[text_field]])["input_ids"]]
+        labels = [list(row) for row in ids]
+    else:
+        prompts = tokenizer([str(t) for t in batch[prompt_field]])["input_ids"]
+        completions = tokenizer([str(t) for t in batch[completion_field]], add_special_tokens=False)["input_ids"]
+        ids = [prompt + completion + eos for prompt, completion in zip(prompts, completions)]
+        labels = [[IGNORE_INDEX] * len(prompt) + completion + eos for prompt, completion in zip(prompts, completions)]
+    kept: dict[str, list] = {"input_ids": [], "labels": []}
+    for row_ids, row_labels in zip(ids, labels):
+        row_ids, row_labels = row_ids[:max_length], row_labels[:max_length]
+        if any(label != IGNORE_INDEX for label in row_labels[1:]):
+            kept["input_ids"].append(row_ids)
+            kept["labels"].append(row_labels)
+    return kept
+
+
+def _tokenized_features():
+    import datasets
+
+    ids = datasets.List(datasets.Value("int32"))
+    return datasets.Features({"input_ids": ids, "labels": ids})
+
+
+def split_train_eval(examples, eval_fraction: float, seed: int):
+    """A seeded split of a tokenized dataset into (train, eval); index views, nothing is copied."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     eval_count = int(len(examples) * eval_fraction)
     if eval_fraction > 0 and len(examples) > 1:
         eval_count = max(1, eval_count)
     eval_ids, train_ids = order[:eval_count], order[eval_count:]
-    return [examples[i] for i in train_ids], [examples[i] for i in eval_ids]
+    return examples.select(train_ids), examples.select(eval_ids)
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in examples)
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows of a tokenized dataset → right-padded input_ids, labels and attention_mask."""
+    width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
-        length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids)
-        labels[row, :length] = torch.tensor(example.labels)
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        labels[row, :length] = torch.tensor(example["labels"])
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
@@ -138,6 +168,6 @@ class BatchSchedule:
         return step * self.grad_accum * self.world_size * self.batch_size / self.size
 
 
-def eval_batches(examples: list[Example], batch_size: int, max_batches: int, world_size: int, rank: int):
-    mine = examples[rank::world_size][: batch_size * max_batches]
+def eval_batches(examples, batch_size: int, max_batches: int, world_size: int, rank: int) -> list[list[dict]]:
+    mine = [examples[i] for i in range(rank, len(examples), world_size)[: batch_size * max_batches]]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

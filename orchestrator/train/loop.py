@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -57,7 +58,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model, counts = build_adapted_model(spec, config["model_path"], torch.bfloat16 if spec.scaling.use_gpu else torch.float32)
     # Before DeepSpeed partitions anything, so this is local: only rank 0 records it.
     base_checksum = frozen_weights_checksum(model) if rank == 0 else None
-    train_set, eval_set = prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
+    with _node_leader_first(context.get_local_rank()):
+        train_set, eval_set = prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
 
     optimizer = make_optimizer(model, spec)
     scheduler = make_scheduler(optimizer, spec)
@@ -213,6 +215,17 @@ def _window_metrics(window: dict, device) -> dict:
     metrics = {"loss": float(totals[0] / totals[1]), "tokens_per_s": float(totals[2] / elapsed), "tokens": int(totals[2])}
     window.update(loss_sum=0.0, micro_steps=0, tokens=0, started=time.perf_counter())
     return metrics
+
+
+@contextlib.contextmanager
+def _node_leader_first(local_rank: int):
+    """Local rank 0 tokenizes (and fills the node's dataset cache) before the node's other workers read it:
+    one tokenization per node instead of one per worker, as `TrainingArguments.main_process_first` does."""
+    if local_rank != 0:
+        dist.barrier()
+    yield
+    if local_rank == 0:
+        dist.barrier()
 
 
 def _clear_stale_build_locks(extensions_dir: Path, max_age_s: float = 180.0) -> None:
