@@ -64,26 +64,26 @@ def _deepspeed_worker(rank: int, world: int, port: int, spec_json: str) -> None:
     import torch
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+                      MASTER_PORT=str(port))
     # What Ray gives a worker with cpus_per_worker CPUs (it sets OMP_NUM_THREADS the same way).
     torch.set_num_threads(max(1, int(spec_cpus(spec_json))))
-    import deepspeed
-
-    from orchestrator.plan import deepspeed_config
     from orchestrator.spec import JobSpec
+    from orchestrator.train.engine import build_engine, prepare_deepspeed
     from orchestrator.train.loop import make_scheduler
     from orchestrator.train.model import build_adapted_model, load_tokenizer
     from orchestrator.train.optim import make_optimizer
 
     spec = JobSpec.model_validate(json.loads(spec_json))
+    prepare_deepspeed(spec.scaling.use_gpu)  # before DeepSpeed's import, as in the orchestrator's workers
+    import deepspeed
+
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(spec.train.seed)
     tokenizer = load_tokenizer(spec.model.path)
     model, _ = build_adapted_model(spec, spec.model.path, torch.float32)
     examples, data_lib = _examples(spec, tokenizer)
     optimizer = make_optimizer(model, spec)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, spec),
-                                      config=deepspeed_config(spec))
+    engine = build_engine(model, optimizer, spec, lr_scheduler=make_scheduler(optimizer, spec))
     schedules = [data_lib.BatchSchedule(len(examples), spec.train.batch_size, 1, world, r, spec.train.seed)
                  for r in range(world)]
     engine.train()

@@ -55,11 +55,7 @@ class Bench:
     def baseline(self, kind: str, spec: dict, tag: str) -> Timed:
         path = self.root / f"{tag}.json"
         path.write_text(json.dumps(spec))
-        from orchestrator.builtin import cache_home
-
-        # The DeepSpeed op cache the orchestrator's workers use: neither side pays a JIT build.
-        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache_home() / "torch_extensions")}
-        return run_timed(python("-m", "bench.baselines", kind, str(path)), env=env)
+        return run_timed(python("-m", "bench.baselines", kind, str(path)))
 
 
 def throughput(bench: Bench) -> list[Figure]:

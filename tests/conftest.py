@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.builtin import cache_home
 from orchestrator.launch.runtime import start_local_ray
 from orchestrator.storage.objectstore import EmbeddedObjectStore, exported_env
 
@@ -30,12 +29,18 @@ def faults_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session(object_store, faults_file):
+def torch_extensions_dir(tmp_path_factory) -> Path:
+    """Where torch would JIT-build a DeepSpeed op; empty, so that a test can show that training builds none."""
+    return tmp_path_factory.mktemp("torch_extensions")
+
+
+@pytest.fixture(scope="session")
+def ray_session(object_store, faults_file, torch_extensions_dir):
     """One Ray runtime for every integration test, started after the S3 credentials are exported
     so that its worker processes inherit them."""
     import ray
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir)
     os.environ["ORCHESTRATOR_FAULTS"] = str(faults_file)
     start_local_ray(num_cpus=2)
     yield

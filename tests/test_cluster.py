@@ -22,7 +22,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_head(object_store):
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/orchestrator/torch_extensions"))
     head = start_head(num_cpus=3)
     yield head
     stop_head(head)

@@ -9,8 +9,8 @@ import socket
 import pytest
 import torch
 
-from orchestrator.plan import deepspeed_config
 from orchestrator.spec import validate_spec
+from orchestrator.train.engine import build_engine
 from orchestrator.train.model import build_adapted_model
 from orchestrator.train.optim import check_rates, expected_rates, make_optimizer
 
@@ -22,8 +22,7 @@ def single_rank_group():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    variables = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                     DS_ACCELERATOR="cpu")
+    variables = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
     dist.init_process_group("gloo")
@@ -38,15 +37,13 @@ def single_rank_group():
 
 
 def initialized(tiny_llama_path, stage: int, adapter: dict, optim: dict | None = None):
-    import deepspeed
-
     spec = validate_spec({"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"},
                           "adapter": {**adapter, "target_modules": "all-linear"}, "optim": optim or {},
                           "deepspeed": {"zero_stage": stage}, "scaling": {"num_workers": 1}})
     model, _ = build_adapted_model(spec, tiny_llama_path, torch.float32)
     optimizer = make_optimizer(model, spec)
     built = expected_rates(optimizer)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec))
+    engine = build_engine(model, optimizer, spec)
     return engine, built
 
 

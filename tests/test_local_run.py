@@ -76,8 +76,15 @@ def assert_run_manifest_matches_files(run_dir: Path) -> None:
     assert "spec.yaml" in manifest["files"] and "metrics.jsonl" in manifest["files"]
 
 
-def test_zero2_run_trains_only_the_adapter_and_stores_everything(ray_session, s3_storage_uri, tiny_llama_path, tmp_path):
+def assert_no_op_was_built(extensions_dir: Path) -> None:
+    built = sorted(path.name for path in extensions_dir.iterdir())
+    assert not built, f"DeepSpeed JIT-built {built} in {extensions_dir}: training on CPU needs no compiled op"
+
+
+def test_zero2_run_trains_only_the_adapter_and_stores_everything(ray_session, s3_storage_uri, tiny_llama_path, tmp_path,
+                                                                  torch_extensions_dir):
     result = orchestrator.run(job(s3_storage_uri), run_id="zero2", echo=print)
+    assert_no_op_was_built(torch_extensions_dir)
     summary = result.summary
     assert summary["status"] == "complete" and summary["steps"] == 12
     base_checksum = frozen_weights_checksum(_load_base(tiny_llama_path))
@@ -111,10 +118,11 @@ def test_zero2_run_trains_only_the_adapter_and_stores_everything(ray_session, s3
     assert again.summary == resumed.summary
 
 
-def test_zero3_saves_gathered_adapter(ray_session, s3_storage_uri, tiny_llama_path, tmp_path):
+def test_zero3_saves_gathered_adapter(ray_session, s3_storage_uri, tiny_llama_path, tmp_path, torch_extensions_dir):
     # Threshold 0 partitions even tiny parameters, so the save path must really gather them.
     spec = job(s3_storage_uri, deepspeed={"zero_stage": 3, "config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})
     result = orchestrator.run(spec, echo=print)
+    assert_no_op_was_built(torch_extensions_dir)
     assert result.summary["base_unchanged"] is True
     _, run_dir = download_run(result, tmp_path)
     assert_adapter_reproduces_trained_logits(tiny_llama_path, run_dir)

@@ -49,8 +49,7 @@ def test_every_quickstart_command_runs(tmp_path):
     script = quickstart_script().replace("127.0.0.1:8265", f"127.0.0.1:{dashboard_port}")
     drop = ("AWS_", "RAY_ADDRESS", "RAY_AUTH", "ORCHESTRATOR_STORE_DIR", "ORCHESTRATOR_FAULTS", "VIRTUAL_ENV")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), RAY_HEAD_PORT=str(gcs_port), RAY_DASHBOARD_PORT=str(dashboard_port),
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/orchestrator/torch_extensions")))
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), RAY_HEAD_PORT=str(gcs_port), RAY_DASHBOARD_PORT=str(dashboard_port))
     log = tmp_path / "quickstart.log"
     with open(log, "w") as sink:  # a file, not a pipe: the background head and store keep their stderr open
         shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env, start_new_session=True,

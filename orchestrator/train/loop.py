@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -18,11 +17,11 @@ import torch.distributed as dist
 
 from orchestrator.adapters import get_method
 from orchestrator.adapters.registry import peft_export
-from orchestrator.plan import deepspeed_config
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
 from orchestrator.train import faults, storage_io
 from orchestrator.train.checkpoint import save_adapter, save_training_state
+from orchestrator.train.engine import build_engine, prepare_deepspeed
 from orchestrator.train.optim import check_rates, expected_rates, make_optimizer
 from orchestrator.train.model import build_adapted_model, frozen_weights_checksum, load_tokenizer
 
@@ -30,22 +29,16 @@ from orchestrator.train.model import build_adapted_model, frozen_weights_checksu
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config` holds the validated spec, resolved paths and run identity."""
     worker_started = time.perf_counter()
-    from orchestrator.builtin import cache_home
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
-    _clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     # Progress reaches the console through the driver; per-report INFO lines would drown it.
     for noisy in ("botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_ray_report_log()
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = JobSpec.model_validate(config["spec"])
-    if not spec.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's GPU probe and its warning
+    prepare_deepspeed(spec.scaling.use_gpu)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    import deepspeed
     import ray.train
 
     context = ray.train.get_context()
@@ -64,7 +57,7 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, spec)
     scheduler = make_scheduler(optimizer, spec)
     built_rates = expected_rates(optimizer)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec))
+    engine = build_engine(model, optimizer, spec, lr_scheduler=scheduler)
     check_rates(engine.optimizer, built_rates)
     zero3 = spec.deepspeed.zero_stage == 3
     method = get_method(spec.adapter.method)
@@ -226,18 +219,6 @@ def _node_leader_first(local_rank: int):
     yield
     if local_rank == 0:
         dist.barrier()
-
-
-def _clear_stale_build_locks(extensions_dir: Path, max_age_s: float = 180.0) -> None:
-    """A process killed while DeepSpeed JIT-builds its CPU op leaves torch's build lock behind, and
-    every later worker waits on it forever. A build takes ~30 s: an older lock is stale."""
-    for lock in extensions_dir.glob("*/lock"):
-        try:
-            if time.time() - lock.stat().st_mtime > max_age_s:
-                lock.unlink()
-                logging.getLogger(__name__).warning("removed a stale extension build lock: %s", lock)
-        except FileNotFoundError:
-            pass
 
 
 def _quiet_ray_report_log() -> None:

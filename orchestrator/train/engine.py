@@ -1,0 +1,36 @@
+"""DeepSpeed in a worker process: its set-up on CPU, and the one call that wraps the model in its engine."""
+
+from __future__ import annotations
+
+import os
+
+from orchestrator.plan import deepspeed_config
+from orchestrator.spec import JobSpec
+
+# DeepSpeed's CPU backend JIT-compiles this shared-memory op when it sets up communication: about
+# 25 s on 2 cores on a machine's first run, and a C++ compiler on every CPU node. Only its inference
+# all-reduce (AutoTP) calls the op; training's collectives all go through torch.distributed (gloo).
+_INFERENCE_ONLY_CPU_OPS = ("deepspeed_shm_comm",)
+
+
+def prepare_deepspeed(use_gpu: bool) -> None:
+    """Call before DeepSpeed's first use in the process. On CPU: its CPU accelerator (which skips the
+    GPU probe and its warning), without building ops that training never calls."""
+    if use_gpu:
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    # DeepSpeed consults this dict before building an op, and keeps edits to it for the process.
+    for op_name in _INFERENCE_ONLY_CPU_OPS:
+        deepspeed.ops.__compatible_ops__[op_name] = False
+
+
+def build_engine(model, optimizer, spec: JobSpec, lr_scheduler=None):
+    """`deepspeed.initialize` with the spec's DeepSpeed config."""
+    import deepspeed
+
+    prepare_deepspeed(spec.scaling.use_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      config=deepspeed_config(spec))
+    return engine
