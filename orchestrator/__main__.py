@@ -1,3 +1,3 @@
-from orchestrator.cli import main
+from orchestrator.cli import console_entry
 
-raise SystemExit(main())
+console_entry()

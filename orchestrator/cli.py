@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import signal
 import sys
 
@@ -105,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
+
+
+def console_entry() -> None:
+    """The `orchestrator` command: main(), then exit without Python's module teardown.
+
+    With torch, transformers and Ray loaded, that teardown takes about 1.4 s on 2 cores after the
+    command's work is done: results are in storage, Ray is shut down and the store stopped. Exit
+    handlers still run first (logging's, Ray's, pyarrow's). An unexpected exception leaves normally.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _interrupt(signum, frame) -> None:

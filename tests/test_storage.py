@@ -75,3 +75,28 @@ def test_embedded_store_enforces_auth(object_store):
     anonymous = s3fs.S3FileSystem(anon=True, endpoint_url=object_store.endpoint_url, skip_instance_cache=True)
     with pytest.raises(PermissionError):
         anonymous.ls(TEST_BUCKET)
+
+
+def test_store_left_stopping_is_waited_for_by_the_next_start(tmp_path):
+    """A command returns while its store finishes stopping; a start right after on the same data must
+    wait for that server (it still holds the files), then serve everything written before."""
+    import s3fs
+
+    from orchestrator.storage.objectstore import EmbeddedObjectStore, _is_weed
+
+    def client(store):
+        return s3fs.S3FileSystem(key=store.access_key, secret=store.secret_key, endpoint_url=store.endpoint_url,
+                                 skip_instance_cache=True)
+
+    first = EmbeddedObjectStore(tmp_path / "data").start()
+    client(first).pipe(f"{first.buckets[0]}/kept.txt", b"written before the stop")
+    old_pid = first._process.pid
+    first.stop(wait=False)
+    assert _is_weed(old_pid), "the server exited before stop(wait=False) returned: nothing to test"
+
+    second = EmbeddedObjectStore(tmp_path / "data").start(timeout_s=30)
+    try:
+        assert not _is_weed(old_pid)
+        assert client(second).cat(f"{second.buckets[0]}/kept.txt") == b"written before the stop"
+    finally:
+        second.stop()

@@ -30,6 +30,9 @@ def format_event(event: dict) -> str | None:
     return None
 
 
+_END = {"event": "end of progress"}
+
+
 class ProgressPrinter:
     """A Ray queue the workers write to and a driver thread that prints it."""
 
@@ -43,11 +46,15 @@ class ProgressPrinter:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set() or not self.queue.empty():
+        while True:
             try:
                 event = self.queue.get(timeout=0.5)
-            except (queue_lib.Empty, Exception):
+            except (queue_lib.Empty, Exception):  # Exception: the queue's actor is gone
+                if self._stop.is_set():
+                    return
                 continue
+            if event == _END:
+                return
             self.events.append(event)
             line = format_event(event)
             if line:
@@ -59,6 +66,10 @@ class ProgressPrinter:
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
+        try:  # after the workers' events, so the thread prints them all and returns without a last timeout
+            self.queue.put_nowait(_END)
+        except Exception:
+            pass  # the thread stops at its next empty read
         self._thread.join(timeout=10)
         self.queue.shutdown(force=True)
 

@@ -71,6 +71,34 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _is_weed(pid: int) -> bool:
+    """Whether `pid` is a running (not zombie) SeaweedFS server: a pid is reused once its process is gone."""
+    if not Path("/proc").is_dir():  # not Linux: any live process with that pid
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return "(weed)" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_or_kill(pid: int, stopped, timeout_s: float = 15.0) -> None:
+    """Wait for a server (and its process group) asked to stop; kill it if it has not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not stopped():
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            deadline = float("inf")  # SIGKILL cannot be refused: wait for it to land
+        time.sleep(0.05)
+
+
 class EmbeddedObjectStore:
     """A SeaweedFS S3 server on 127.0.0.1 with fresh credentials per start; data persists in `data_dir`."""
 
@@ -92,6 +120,7 @@ class EmbeddedObjectStore:
     def launch(self) -> None:
         """Start the server without waiting for it: its endpoint and credentials are known at once."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._wait_for_previous_stop()
         ports = self._ports = self._ports or dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
         self.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
         command = [
@@ -147,16 +176,33 @@ class EmbeddedObjectStore:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Ask the server to stop gracefully (SIGKILL after 15 s). With wait=False, return at once: the
+        server's own stop takes about 2 s, which a command need not wait for once its results are
+        stored; the next start on this data directory waits for it instead."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
         os.killpg(process.pid, signal.SIGTERM)
+        if not wait:
+            self._stopping_marker.write_text(str(process.pid))
+            return
+        _wait_or_kill(process.pid, lambda: process.poll() is not None)
+        process.wait()
+
+    @property
+    def _stopping_marker(self) -> Path:
+        return self.data_dir / "weed.stopping"
+
+    def _wait_for_previous_stop(self) -> None:
+        """A server left stopping on this data directory still holds its files: let it finish."""
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            pid = int(self._stopping_marker.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        if _is_weed(pid):
+            _wait_or_kill(pid, lambda: not _is_weed(pid))
+        self._stopping_marker.unlink(missing_ok=True)
 
     def __enter__(self) -> "EmbeddedObjectStore":
         return self.start()
