@@ -10,7 +10,8 @@ import torch
 
 from orchestrator.adapters import all_methods, get_method
 from orchestrator.adapters.lora import lora_layers
-from orchestrator.adapters.lora_fa import SeededDropout, projection
+from orchestrator.adapters._seeded_dropout import SeededDropout
+from orchestrator.adapters.lora_fa import projection
 from orchestrator.plan import build_plan
 from orchestrator.spec import validate_spec
 

@@ -115,3 +115,12 @@ def test_adapter_without_method_is_lora_and_each_method_parses_its_options():
     assert (spec.adapter.start_step, spec.adapter.update_ratio, spec.optim.lora_plus_ratio) == (5, 1.5, 16)
     assert validate_spec(_with("adapter", method="lora_fa", project_gradient=True)).adapter.project_gradient is True
     assert validate_spec(_with("adapter", method="vera", r=512)).adapter.save_projection is True
+
+
+def test_reading_a_spec_does_not_load_torch():
+    """`validate`, `submit`, `runs` and friends read specs; importing torch for that took ~1 s per command."""
+    code = ("import sys; from orchestrator.cli import main; code = main(['validate', 'jobs/local-smoke.yaml']); "
+            "assert code == 0; print(sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

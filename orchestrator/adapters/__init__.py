@@ -2,7 +2,9 @@
 
 A method module defines a pydantic spec (with a `method: Literal[...]` discriminator) and an
 `AdapterMethod` that attaches it to a frozen model. Every module in this package is imported
-here, so a new method is one new file.
+here, so a new method is one new file. Modules named `_…` are helpers, imported by their method when
+it runs: method modules import torch only inside functions, so reading a spec (the CLI, the driver)
+does not load it.
 """
 
 import importlib
@@ -11,7 +13,7 @@ import pkgutil
 from orchestrator.adapters.registry import AdapterMethod, all_methods, get_method, register
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "registry":
+    if _module.name != "registry" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["AdapterMethod", "all_methods", "get_method", "register"]

@@ -17,8 +17,6 @@ import copy
 from contextlib import nullcontext
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from orchestrator.adapters.lora import LowRankSpec, count_low_rank_trainable, lora_config, lora_layers
@@ -31,37 +29,12 @@ class DeltaLoraSpec(LowRankSpec):
     start_step: int = Field(500, ge=0, description="K: the optimizer step from which W follows B·A.")
 
 
-def _delta_forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
-    lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
-    scaling = module.scaling[active_adapter]
-    result = result + lora_B(lora_A(x)) * scaling
-    if module.delta_active:
-        # One rank-2r product: [sg(B) | −B_K]·[sg(A); A_K]·x. x keeps its gradient (W_t is part of the
-        # model); A and B get none from this term.
-        a = torch.cat([lora_A.weight.detach(), module.delta_snapshot_A.to(lora_A.weight.dtype)], dim=0)
-        b = torch.cat([lora_B.weight.detach(), -module.delta_snapshot_B.to(lora_B.weight.dtype)], dim=1)
-        result = result + F.linear(F.linear(x, a), b) * (module.delta_ratio * scaling)
-    return result
-
-
-class DeltaLoraVariant:
-    """A PEFT LoRA variant (the hook PEFT's DoRA uses) whose forward adds the Delta-LoRA term."""
-
-    forward = staticmethod(_delta_forward)
-
-    def supports_lora_conversion(self) -> bool:
-        return False
-
-    @staticmethod
-    def merge_safe(module, active_adapter, orig_weight):
-        raise NotImplementedError("merge a Delta-LoRA adapter through `orchestrator export --merged`")
-
-    merge_unsafe = unmerge = merge_safe
-
-
 def attach_delta_lora(model, spec: DeltaLoraSpec):
     import deepspeed
+    import torch
     from peft import get_peft_model
+
+    from orchestrator.adapters._delta_lora_variant import DeltaLoraVariant
 
     model = get_peft_model(model, lora_config(spec, dropout=0.0))
     for _, layer in lora_layers(model):
@@ -80,6 +53,8 @@ def attach_delta_lora(model, spec: DeltaLoraSpec):
 
 
 def delta_lora_before_step(model, spec: DeltaLoraSpec, step: int, zero3: bool) -> None:
+    import torch
+
     layers = [layer for _, layer in lora_layers(model)]
     if step == spec.start_step:
         weights = [w for layer in layers for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
@@ -104,6 +79,8 @@ def delta_lora_before_step(model, spec: DeltaLoraSpec, step: int, zero3: bool) -
 
 def export_delta_lora(model, spec: DeltaLoraSpec):
     """The equivalent rank-2r LoRA (scale 1), loadable by stock PEFT."""
+    import torch
+
     state, config = peft_export(model, spec)
     for name, layer in lora_layers(model):
         scaling = layer.scaling["default"]

@@ -14,13 +14,15 @@ accumulation and the all-reduce.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from orchestrator.adapters.lora import LowRankSpec, lora_config, lora_layers
 from orchestrator.adapters.registry import AdapterMethod, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LoraFaSpec(LowRankSpec):
@@ -31,46 +33,10 @@ class LoraFaSpec(LowRankSpec):
     )
 
 
-class _SeededDropout(torch.autograd.Function):
-    """Dropout that keeps only a seed for backward and regenerates the mask from it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        ctx.p, ctx.seed = p, seed
-        return x * _keep_mask(x, p, seed)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * _keep_mask(grad, ctx.p, ctx.seed), None, None
-
-
-def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=like.device)
-    generator.manual_seed(seed)
-    mask = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
-
-
-class SeededDropout(torch.nn.Module):
-    """Drop-in for nn.Dropout on a path whose input is not otherwise kept for backward."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        # Drawn from torch's global RNG, so a resumed run (which restores it) drops the same units.
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        return _SeededDropout.apply(x, self.p, seed)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 def projection(lora_a_weight: torch.Tensor, scaling: float) -> torch.Tensor:
     """(A·Aᵀ + δI)⁺ / s²: the r×r matrix B's gradient is multiplied by (PEFT's LoRA-FA optimizer)."""
+    import torch
+
     a = lora_a_weight.detach().double()
     gram = a @ a.T + 1e-8 * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     return (torch.linalg.pinv(gram) / scaling**2).to(lora_a_weight.dtype)
@@ -78,6 +44,8 @@ def projection(lora_a_weight: torch.Tensor, scaling: float) -> torch.Tensor:
 
 def attach_lora_fa(model, spec: LoraFaSpec):
     from peft import get_peft_model
+
+    from orchestrator.adapters._seeded_dropout import SeededDropout
 
     model = get_peft_model(model, lora_config(spec, spec.dropout))
     for _, layer in lora_layers(model):
