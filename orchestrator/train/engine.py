@@ -28,9 +28,9 @@ def prepare_deepspeed(use_gpu: bool) -> None:
 
 def build_engine(model, optimizer, spec: JobSpec, lr_scheduler=None):
     """`deepspeed.initialize` with the spec's DeepSpeed config."""
+    prepare_deepspeed(spec.scaling.use_gpu)  # before DeepSpeed's import in a process that has not set it up
     import deepspeed
 
-    prepare_deepspeed(spec.scaling.use_gpu)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       config=deepspeed_config(spec))
     return engine
