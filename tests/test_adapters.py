@@ -8,6 +8,9 @@ import copy
 import pytest
 import torch
 
+from peft import get_peft_model_state_dict
+from references import ExplicitDeltaLora, copy_initial_adapter, reference_model
+
 from orchestrator.adapters import all_methods, get_method
 from orchestrator.adapters.lora import lora_layers
 from orchestrator.adapters._seeded_dropout import SeededDropout
@@ -101,24 +104,22 @@ def _train_steps(model, steps: int, lr: float = 1e-2, before_step=None, after_st
 
 
 @pytest.mark.parametrize("start_step, ratio", [(2, 2.0), (0, 0.5)])
-def test_delta_lora_equals_the_explicit_weight_update(start_step, ratio):
-    """Ours (W0 untouched, stop-gradient term) vs the paper's W ← W + λ·s·(B'A' − BA) after each step ≥ K."""
+def test_delta_lora_equals_the_papers_explicit_weight_update(start_step, ratio, tmp_path):
+    """Ours (W0 untouched, stop-gradient term) vs Algorithm 1 written out on stock PEFT LoRA, fp64: after the
+    optimizer step of iteration t > K, W ← W + λ·s·(B'A' − BA). Logits after every step, then through export
+    (rank-2r LoRA loaded by PEFT alone) and merge."""
+    from peft import PeftModel
+
+    from orchestrator.train.checkpoint import save_adapter
+
     _, ours, spec = adapted("delta_lora", start_step=start_step, update_ratio=ratio)
-    _, explicit, _ = adapted("lora", dropout=0.0)
-    explicit_layers = [layer for _, layer in lora_layers(explicit)]
-    before = {}
-
-    def remember(step):
-        before.update({id(layer): layer.get_delta_weight("default").clone() for layer in explicit_layers})
-
-    def update_w(step):
-        if step >= start_step:
-            with torch.no_grad():
-                for layer in explicit_layers:  # get_delta_weight = s·B·A
-                    layer.base_layer.weight += ratio * (layer.get_delta_weight("default") - before[id(layer)])
-
+    explicit = reference_model(tiny_fp64_model(), {"method": "delta_lora", "r": spec.r, "alpha": spec.alpha,
+                                                   "target_modules": spec.target_modules})
+    copy_initial_adapter(get_peft_model_state_dict(ours), explicit)
+    algorithm = ExplicitDeltaLora(explicit, start_step, ratio)
     ours_out = _train_steps(ours, 6, before_step=lambda step: get_method("delta_lora").before_step(ours, spec, step, False))
-    explicit_out = _train_steps(explicit, 6, before_step=remember, after_step=update_w)
+    explicit_out = _train_steps(explicit, 6, before_step=lambda step: algorithm.before_optimizer_step(),
+                                after_step=algorithm.after_optimizer_step)
     for step, (a, b) in enumerate(zip(ours_out, explicit_out)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"step {step}")
     assert not torch.equal(ours_out[-1], _train_steps(adapted("lora", dropout=0.0)[1], 6)[-1]), "λ>0 must differ from LoRA"
@@ -127,6 +128,17 @@ def test_delta_lora_equals_the_explicit_weight_update(start_step, ratio):
     for (name, layer) in lora_layers(ours):
         original = fresh.get_submodule(name.removeprefix("base_model.model.")).weight
         assert torch.equal(layer.base_layer.weight, original)
+    # The trained models after the last step, and the export of ours, agree.
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(5))
+    get_method("delta_lora").before_step(ours, spec, 6, False)
+    save_adapter(ours, tmp_path, zero3=False, is_writer=True, export=lambda model: get_method("delta_lora").export(model, spec))
+    loaded = PeftModel.from_pretrained(tiny_fp64_model(), str(tmp_path))
+    ours.eval(), explicit.eval(), loaded.eval()
+    with torch.no_grad():
+        want = explicit(input_ids=ids).logits
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(loaded.merge_and_unload()(input_ids=ids).logits, want, rtol=0, atol=1e-10)
 
 
 def test_delta_lora_with_zero_ratio_is_lora():
@@ -237,3 +249,66 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_gradients(t
     for name, grad in grads[False].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_starts_with_b_zero_and_the_papers_scale(rslora):
+    _, model, spec = adapted("lora", r=4, alpha=16, rslora=rslora)
+    layers = lora_layers(model)
+    assert len(layers) == 3
+    for _, layer in layers:
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        assert torch.count_nonzero(layer.lora_A["default"].weight) == layer.lora_A["default"].weight.numel()
+        assert layer.scaling["default"] == pytest.approx(16 / 2 if rslora else 16 / 4)  # α/√r or α/r
+
+
+def test_vera_starts_with_b_zero_and_d_at_d_initial():
+    _, model, _ = adapted("vera", r=32, d_initial=0.25)
+    layers = [m for m in model.modules() if hasattr(m, "vera_lambda_b")]
+    assert len(layers) == 3
+    for layer in layers:
+        assert torch.count_nonzero(layer.vera_lambda_b["default"]) == 0
+        torch.testing.assert_close(layer.vera_lambda_d["default"], torch.full((32,), 0.25, dtype=torch.float64))
+
+
+def test_lora_fa_projected_step_equals_peft_lorafa_optimizer():
+    """One AdamW step of ours (A frozen, B's gradient projected by a hook) vs PEFT's create_lorafa_optimizer, fp64.
+
+    PEFT's optimizer is HF-style Adam: its eps sits inside the bias correction, so on step 1 it acts as
+    eps/√(1−β2); it is given 1e-8·√(1−β2) to equal torch AdamW's 1e-8. It computes the projection under bf16
+    autocast when the machine has bf16: turned off, to compare exact math.
+    """
+    import peft.optimizers.lorafa as lorafa
+    from peft.optimizers import create_lorafa_optimizer
+
+    from orchestrator.train.optim import make_optimizer
+
+    _, ours, spec = adapted("lora_fa", r=4, alpha=8, dropout=0.0, project_gradient=True)
+    _, unprojected, _ = adapted("lora_fa", r=4, alpha=8, dropout=0.0)  # to show that the comparison sees the projection
+    theirs = reference_model(tiny_fp64_model(), {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
+                                                 "target_modules": spec.target_modules})
+    copy_initial_adapter(get_peft_model_state_dict(ours), theirs)
+    for model in (ours, unprojected, theirs):  # B = 0 would make A's role invisible in one step
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    job = validate_spec({**BASE, "adapter": {"method": "lora_fa", "r": 4, "alpha": 8}, "optim": {"lr": 1e-2}})
+    original_bf16_check = lorafa.is_bf16_available
+    lorafa.is_bf16_available = lambda: False
+    try:
+        theirs_optimizer = create_lorafa_optimizer(theirs, r=4, lora_alpha=8, lr=1e-2)
+        for group in theirs_optimizer.param_groups:
+            group["eps"] = 1e-8 * (1 - group["betas"][1]) ** 0.5
+        ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(3))
+        for model, optimizer in ((ours, make_optimizer(ours, job)), (unprojected, make_optimizer(unprojected, job)),
+                                 (theirs, theirs_optimizer)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+    finally:
+        lorafa.is_bf16_available = original_bf16_check
+    ours_state, theirs_state = get_peft_model_state_dict(ours), get_peft_model_state_dict(theirs)
+    assert ours_state.keys() == theirs_state.keys()
+    for name in ours_state:
+        torch.testing.assert_close(ours_state[name], theirs_state[name], rtol=0, atol=1e-12, msg=name)
+    unprojected_state = get_peft_model_state_dict(unprojected)
+    assert max((unprojected_state[n] - ours_state[n]).abs().max().item() for n in ours_state) > 1e-3

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -29,10 +31,16 @@ PROBE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_workers_reach_their_own_state_api_beside_another_ray(ray_session, tmp_path):
-    # The test session's Ray (ray_session) is the other instance; without the dashboard address in its
-    # workers' environment, Ray raises "Found multiple active Ray instances" in the worker.
+def test_local_ray_starts_its_own_instance_beside_another_ray_and_a_stale_address_file(ray_session):
+    # Two other Rays at once: the test session's (ray_session), whose workers must not be confused with
+    # ours, and a dead `ray start` head whose ray_current_cluster file is still there. Without
+    # address="local", ray.init follows that file and raises "When connecting to an existing cluster,
+    # num_cpus and num_gpus must not be provided".
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live below it
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
-    probe = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    probe = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ray_tmp, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert "nodes 1" in probe.stdout

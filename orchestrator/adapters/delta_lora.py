@@ -1,11 +1,17 @@
 """Delta-LoRA (Zi et al. 2023): LoRA whose base weight also moves by the change of B·A.
 
-The paper updates W after every step t ≥ K: W ← W + λ·s·(B_{t+1}A_{t+1} − B_tA_t). That telescopes to
-W_t = W0 + λ·s·(B_tA_t − B_KA_K), so the same model is computed here without ever writing W0:
+The rule, exactly as the paper's Algorithm 1 states it (iterations t = 0, 1, …, 0-indexed; A_t, B_t are the
+values iteration t starts from, A_{t+1}, B_{t+1} those its optimizer step produces):
 
-    h = W0·x + s·B·A·x + λ·s·(sg(B·A) − B_K·A_K)·x        (sg = stop-gradient)
+    if t > K:  W ← W + λ·s·(B_{t+1}A_{t+1} − B_tA_t)
 
-with (A_K, B_K) snapshotted at step K. It is exactly the paper's algorithm (A and B get the same
+So the first W update happens at iteration K+1, and the W that iteration t ≥ K+1 computes with telescopes to
+W_t = W0 + λ·s·(B_tA_t − B_{K+1}A_{K+1}) (W_t = W0 up to iteration K+1). The same model is computed here
+without ever writing W0:
+
+    h = W0·x + s·B·A·x + λ·s·(sg(B·A) − B_s·A_s)·x        (sg = stop-gradient)
+
+with the snapshot (A_s, B_s) = (A_{K+1}, B_{K+1}) taken at the start of iteration K+1 (`start_step` is K). It is exactly the paper's algorithm (A and B get the same
 gradients, W's contribution is the same), it is ZeRO-safe (W0 is never modified, no d×d delta is ever
 materialised) and the checkpoint stays adapter-sized. It exports as a plain rank-2r LoRA:
 B' = [(1+λ)·s·B | −λ·s·B_K], A' = [A; A_K], scale 1. The adapter path has no dropout, as in the paper.
@@ -26,7 +32,9 @@ from orchestrator.adapters.registry import AdapterMethod, peft_export, register
 class DeltaLoraSpec(LowRankSpec):
     method: Literal["delta_lora"] = "delta_lora"
     update_ratio: float = Field(2.0, ge=0.0, description="λ: how far W follows the change of B·A (0 = plain LoRA).")
-    start_step: int = Field(500, ge=0, description="K: the optimizer step from which W follows B·A.")
+    start_step: int = Field(
+        500, ge=0, description="K: W follows B·A from iteration K+1 on (the paper's t > K, iterations counted from 0)."
+    )
 
 
 def attach_delta_lora(model, spec: DeltaLoraSpec):
@@ -40,7 +48,6 @@ def attach_delta_lora(model, spec: DeltaLoraSpec):
     for _, layer in lora_layers(model):
         lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
         # Buffers, not parameters: ZeRO-3 never partitions them, and the engine checkpoint keeps them.
-        # Their names avoid "lora_" so that PEFT's adapter state dict does not pick them up.
         layer.register_buffer("delta_snapshot_A", torch.zeros_like(lora_A.weight))
         layer.register_buffer("delta_snapshot_B", torch.zeros_like(lora_B.weight))
         layer.delta_ratio, layer.delta_active = spec.update_ratio, False
@@ -56,7 +63,8 @@ def delta_lora_before_step(model, spec: DeltaLoraSpec, step: int, zero3: bool) -
     import torch
 
     layers = [layer for _, layer in lora_layers(model)]
-    if step == spec.start_step:
+    snapshot_step = first_update_step(spec)
+    if step == snapshot_step:
         weights = [w for layer in layers for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
         if zero3:
             import deepspeed
@@ -68,13 +76,20 @@ def delta_lora_before_step(model, spec: DeltaLoraSpec, step: int, zero3: bool) -
             for layer in layers:
                 layer.delta_snapshot_A.copy_(layer.lora_A["default"].weight)
                 layer.delta_snapshot_B.copy_(layer.lora_B["default"].weight)
-    elif step > spec.start_step and not getattr(model, "_delta_snapshot_checked", False):
+    elif step > snapshot_step and not getattr(model, "_delta_snapshot_checked", False):
         # A resumed run gets the snapshot from the engine checkpoint; A_K is a random init, never zero.
         if any(not layer.delta_snapshot_A.any() for layer in layers):
-            raise RuntimeError(f"Delta-LoRA snapshot of step {spec.start_step} is missing from the resumed state")
+            raise RuntimeError(f"Delta-LoRA snapshot of step {snapshot_step} is missing from the resumed state")
         model._delta_snapshot_checked = True
     for layer in layers:
-        layer.delta_active = step >= spec.start_step
+        # At iteration K+1 itself the term is sg(BA) − B_sA_s = 0; it is on from there so that a checkpoint
+        # taken after iteration K+1 exports the snapshot it depends on.
+        layer.delta_active = step >= snapshot_step
+
+
+def first_update_step(spec: DeltaLoraSpec) -> int:
+    """The first iteration after which W moves (the paper's t > K), where the snapshot is taken."""
+    return spec.start_step + 1
 
 
 def export_delta_lora(model, spec: DeltaLoraSpec):
@@ -82,6 +97,8 @@ def export_delta_lora(model, spec: DeltaLoraSpec):
     import torch
 
     state, config = peft_export(model, spec)
+    # PEFT's state dict takes every buffer of a LoRA layer; the snapshot lives on in the rank-2r pair.
+    state = {name: tensor for name, tensor in state.items() if ".delta_snapshot_" not in name}
     for name, layer in lora_layers(model):
         scaling = layer.scaling["default"]
         ratio = spec.update_ratio if layer.delta_active else 0.0

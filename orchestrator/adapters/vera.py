@@ -45,7 +45,30 @@ def attach_vera(model, spec: VeraSpec):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for layer in vera_layers(model):
+        layer.register_forward_pre_hook(_projections_follow_vectors)
+    return model
+
+
+def vera_layers(model):
+    from peft.tuners.vera import VeraLayer
+
+    return [module for module in model.modules() if isinstance(module, VeraLayer)]
+
+
+def _projections_follow_vectors(layer, inputs) -> None:
+    """Cast the shared A and B to the dtype of the layer's trained vectors, once, in place.
+
+    DeepSpeed's bf16 mode converts parameters, not buffers: PEFT's shared projections would stay fp32
+    and the next matmul would fail on mixed dtypes. Every layer holds the same BufferDict, so the first
+    layer's cast serves all of them and A and B keep one storage each.
+    """
+    dtype = next(iter(layer.vera_lambda_d.values())).dtype
+    for projections in (layer.vera_A, layer.vera_B):
+        for name, tensor in list(projections.items()):
+            if tensor.dtype != dtype:
+                projections[name] = tensor.to(dtype)
 
 
 def count_vera_trainable(spec: VeraSpec, linear_shapes: list[tuple[int, int]]) -> int:

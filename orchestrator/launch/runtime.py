@@ -179,5 +179,7 @@ def start_local_ray(**init_options) -> None:
 
     dashboard_port = free_ports(1)[0]
     with exported_env({API_SERVER_VARIABLE: f"http://127.0.0.1:{dashboard_port}"}):
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+        # address="local": always a new instance. Without an address Ray joins a `ray start` head on this
+        # machine (or follows the ray_current_cluster file a dead one left) and then refuses num_cpus.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                  logging_level="WARNING", **init_options)

@@ -169,5 +169,19 @@ class BatchSchedule:
 
 
 def eval_batches(examples, batch_size: int, max_batches: int, world_size: int, rank: int) -> list[list[dict]]:
-    mine = [examples[i] for i in range(rank, len(examples), world_size)[: batch_size * max_batches]]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    """Rank `rank`'s evaluation batches: every world_size-th example, at most `max_batches` batches.
+
+    Every rank gets the same number of batches: under ZeRO-3 each forward is a collective (parameters
+    are gathered layer by layer), so a rank with one batch fewer would leave the others waiting forever.
+    A rank short of examples pads with rows that carry no labels: they run the forward and count nothing.
+    """
+    def share(r: int) -> range:
+        return range(r, len(examples), world_size)[: batch_size * max_batches]
+
+    batch_count = -(-len(share(0)) // batch_size)  # rank 0's share is the largest
+    mine = [examples[i] for i in share(rank)]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if len(batches) < batch_count:
+        filler = {"input_ids": examples[0]["input_ids"], "labels": [IGNORE_INDEX] * len(examples[0]["input_ids"])}
+        batches += [[filler]] * (batch_count - len(batches))
+    return batches

@@ -136,7 +136,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "base_checksum_after": base_checksum_after, "base_unchanged": base_checksum == base_checksum_after,
             "final": history[-1] if history else {}, "wall_seconds": time.perf_counter() - run_started,
         }
-        run.finish(last_checkpoint_dir, summary, probe)
+        run.finish(last_checkpoint_dir, max(start_step, spec.train.max_steps), summary, probe)
         _emit(progress, event="done", adapter_uri=run.layout.uri + "/adapter", summary=summary)
     if last_checkpoint_dir is not None:
         shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
@@ -170,8 +170,10 @@ def evaluate(engine, batches, pad_id: int) -> float:
         for examples in batches:
             batch = {k: v.to(engine.device) for k, v in data_lib.collate(examples, pad_id).items()}
             label_tokens = int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
-            totals[0] += engine(**batch).loss.double() * label_tokens
-            totals[1] += label_tokens
+            loss = engine(**batch).loss  # every rank runs every forward: a collective under ZeRO-3
+            if label_tokens:  # a padding batch (see eval_batches) counts nothing
+                totals[0] += loss.double() * label_tokens
+                totals[1] += label_tokens
     engine.train()
     dist.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")

@@ -92,17 +92,22 @@ class RunStorage:
             self.write_metrics(history)
         dist.barrier()
 
-    def finish(self, last_checkpoint: Path | None, summary: dict, probe: dict[str, torch.Tensor]) -> None:
-        """Publish the final adapter, summary and logits probe, then the run manifest, last. Rank 0 only."""
+    def finish(self, last_checkpoint: Path | None, final_step: int, summary: dict, probe: dict[str, torch.Tensor]) -> None:
+        """Publish the final adapter, summary and logits probe, then the run manifest, last. Rank 0 only.
+
+        `last_checkpoint` is this worker's local copy of the final checkpoint; None when the loop had
+        nothing left to do (a restart after the final checkpoint), and then the adapter comes from that
+        checkpoint in storage. A run whose adapter cannot be published is not marked complete.
+        """
         from safetensors.torch import save
 
-        files: dict[str, str] = {}
+        with tempfile.TemporaryDirectory(prefix="orchestrator-final-") as scratch:
+            adapter = self._final_adapter(last_checkpoint, final_step, Path(scratch))
+            self.storage.upload_dir(adapter, self.layout.adapter_dir)
+            files = {f"adapter/{n}": d for n, d in hash_local_dir(adapter).items()}
         probe_bytes = save(probe)
         self.storage.write_bytes(self.layout.file("probe_logits.safetensors"), probe_bytes)
         files["probe_logits.safetensors"] = sha256_bytes(probe_bytes)
-        if last_checkpoint is not None:
-            self.storage.upload_dir(last_checkpoint / "adapter", self.layout.adapter_dir)
-            files.update({f"adapter/{n}": d for n, d in hash_local_dir(last_checkpoint / "adapter").items()})
         summary_bytes = json.dumps(summary, indent=2).encode()
         self.storage.write_bytes(self.layout.file("summary.json"), summary_bytes)
         files["summary.json"] = sha256_bytes(summary_bytes)
@@ -117,3 +122,17 @@ class RunStorage:
             files.update({prefix + n: d for n, d in manifest["files"].items()})
             files[prefix + MANIFEST_NAME] = sha256_bytes(self.storage.read_bytes(f"{directory}/{MANIFEST_NAME}"))
         write_manifest(self.storage, self.layout.run_dir, build_manifest(files, job=self.layout.job, run_id=self.layout.run_id, status="complete"))
+
+    def _final_adapter(self, last_checkpoint: Path | None, step: int, scratch: Path) -> Path:
+        if last_checkpoint is not None:
+            return last_checkpoint / "adapter"
+        remote = self.layout.checkpoint(step)
+        manifest = read_manifest(self.storage, remote)
+        wanted = {n: d for n, d in (manifest or {}).get("files", {}).items() if n.startswith("adapter/")}
+        if not wanted:
+            raise RuntimeError(f"the final adapter is missing: checkpoint step {step} has no complete adapter in storage")
+        self.storage.download_dir(f"{remote}/adapter", scratch / "adapter")
+        got = {f"adapter/{n}": d for n, d in hash_local_dir(scratch / "adapter").items()}
+        if got != wanted:
+            raise RuntimeError(f"the final adapter of checkpoint step {step} does not match its manifest")
+        return scratch / "adapter"
