@@ -77,22 +77,24 @@ def saved_activation_bytes(model, batch) -> int:
 
 
 def trainable_at_7b_scale() -> dict[str, tuple[int, float]]:
-    """Closed-form counts on a Llama-2-7B-shaped config (built on the meta device: no memory)."""
+    """`plan`'s counts (PEFT attached on the meta device: no memory) on a Llama-2-7B-shaped config, and
+    the percentage `plan` prints (trainable ÷ (base + trainable))."""
     from transformers import LlamaConfig
 
-    from orchestrator.plan import adapted_linear_shapes, count_base_parameters
+    from orchestrator.plan import estimate_adapter
+    from orchestrator.spec import validate_spec
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
-    shapes = list(adapted_linear_shapes(config, "all-linear").values())
-    total = count_base_parameters(config)
     counts = {}
     for label, (name, options) in METHODS.items():
-        method = get_method(name)
-        count = method.count_trainable(method.spec(target_modules="all-linear", **options), shapes)
         if label.startswith("lora (A frozen"):
-            count = sum(RANK * d_out for _, d_out in shapes)
-        counts[label] = (count, 100 * count / total)
+            name = "lora_fa"  # the same trainable set: B only
+        spec = validate_spec({"name": "bench", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"},
+                              "adapter": {"method": name, "target_modules": "all-linear", **options}})
+        estimate = estimate_adapter(spec, config)
+        count = estimate.trainable_parameters
+        counts[label] = (count, 100 * count / (estimate.base_parameters + count))
     return counts
 
 

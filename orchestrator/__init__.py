@@ -5,7 +5,7 @@ Public Python API (the CLI is a thin layer over it):
     plan(spec) -> Plan            pure: DeepSpeed config, resources, trainable-parameter estimate
     run(spec, local=True, ...) -> RunResult
     tune(spec, local=True, resume=False) -> TuneResult   Ray Tune search over the spec's tune.space
-    export(run_uri, out, merged=False) -> Path   the adapter (PEFT format) or the merged model
+    export(run_uri, out, merged=False) -> Path   a run's or trial's adapter (PEFT format) or the merged model
     submit(spec, address=None, tune=False, follow=False, ...) -> Submission   a Ray job on a running cluster
     runs(storage_uri=None, job=None, method=None, since=None) -> [RunRecord | SearchRecord]   newest first
     show(run_uri, out=None) -> Report       a run's (or search's) record, packages, and its loss curves as PNG

@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     tune = job_command("tune", "search hyperparameters with Ray Tune (the job's tune section)")
     tune.add_argument("--local", action="store_true", help="single-node mode: start Ray (and an S3 server) in-process")
     tune.add_argument("--resume", action="store_true", help="resume the interrupted search; finished trials are kept")
-    export = commands.add_parser("export", help="write a finished run's adapter (PEFT format) or merged model to a directory")
-    export.add_argument("run_uri", help="s3://bucket[/prefix]/runs/<job>/<run-id> (as printed by run)")
+    export = commands.add_parser("export", help="write a finished run's (or search trial's) adapter (PEFT format) or merged model to a directory")
+    export.add_argument("run_uri", help="s3://bucket[/prefix]/runs/<job>/<run-id> (as printed by run) or "
+                        "s3://bucket[/prefix]/tune/<search>/trials/<trial-id> (as the leaderboard lists it)")
     export.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--merged", action="store_true", help="merge the adapter into the base model (save_pretrained)")
     export.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL; local-mode runs use the embedded store)")
@@ -241,8 +242,7 @@ def _print_plan(plan, as_json: bool) -> int:
         "resources_per_worker": plan.worker_resources,
         "cluster_needs": plan.cluster_needs,
         "global_batch": plan.global_batch,
-        "learning_rates": ({"A": plan.spec.optim.lr, "B": plan.spec.optim.lr * plan.spec.optim.lora_plus_ratio}
-                           if plan.spec.optim.lora_plus_ratio else {"adapter": plan.spec.optim.lr}),
+        "learning_rates": plan.learning_rates,  # per optimizer group, as the worker will build them
         "adapted_layers": len(plan.adapted_layers),
         "trainable_parameters": plan.trainable_parameters,
         "base_parameters": plan.base_parameters,

@@ -6,11 +6,12 @@ No Ray, no I/O: everything here is a function of its arguments and unit-tested a
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.adapters import get_method
-from orchestrator.errors import JobSpecError
+from orchestrator.errors import JobSpecError, PreflightError
 from orchestrator.spec import JobSpec
 
 
@@ -93,31 +94,75 @@ def _matches(module_name: str, targets: list[str] | str) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
-def adapted_linear_shapes(model_config: Any, target_modules: list[str] | str) -> dict[str, tuple[int, int]]:
-    """{module name: (d_in, d_out)} of the linear layers an adapter would wrap, from the config alone.
+@dataclass
+class AdapterEstimate:
+    """What attaching the spec's adapter does to the model, worked out on the meta device."""
 
-    The model is built on the meta device: no memory, no weights, exact shapes for any architecture.
+    base_parameters: int
+    trainable_parameters: int
+    # {module name: (d_in, d_out)} of every adapted layer, as PEFT's tuner layer records them
+    # (an embedding: (num_embeddings, embedding_dim)).
+    adapted_layers: dict[str, tuple[int, int]]
+    # {optimizer group name: base learning rate}, from the optimizer's own grouping rule.
+    learning_rates: dict[str, float]
+
+
+def estimate_adapter(spec: JobSpec, model_config: Any) -> AdapterEstimate:
+    """Build the model on the meta device (no memory, no weights) and attach the adapter for real.
+
+    The counts are then PEFT's own for any architecture, target list and method: nothing here
+    re-derives which layers a method adapts or how many parameters it adds.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from orchestrator.train.optim import param_groups
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-    output_layer = model.get_output_embeddings()
+    base_parameters = sum(p.numel() for p in model.parameters())
+    targets = spec.adapter.target_modules
+    if not any(_matches(name, targets) for name, _ in model.named_modules()):
+        raise PreflightError(
+            f"adapter.target_modules: {targets} match no linear layer, embedding or Conv1D of the model "
+            f"(its adaptable layers: {', '.join(_adaptable_layer_names(model))})"
+        )
+    model.requires_grad_(False)
+    # Attached outside the meta-device context: whatever the method imports on first use (PEFT,
+    # DeepSpeed) must not create its module-level tensors on the meta device. PEFT moves each new
+    # adapter layer to its base layer's device, so the adapter ends up on meta all the same.
+    try:
+        with warnings.catch_warnings():  # PEFT's own deprecation notices are not for the user of `plan`
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_method(spec.adapter.method).attach(model, spec.adapter)
+    except (ValueError, TypeError) as error:  # PEFT's way of refusing a layer or a combination
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PreflightError(f"adapter: {spec.adapter.method} cannot be attached to target_modules {targets} ({reason})") from None
+    return AdapterEstimate(
+        base_parameters=base_parameters,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        adapted_layers=_adapted_layers(model),
+        learning_rates={group["name"]: group["lr"] for group in param_groups(model, spec)},
+    )
+
+
+def _adapted_layers(peft_model: Any) -> dict[str, tuple[int, int]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return {
-        name: (module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output_layer and _matches(name, target_modules)
+        name: (layer.in_features, layer.out_features)
+        for name, layer in peft_model.get_base_model().named_modules()
+        if isinstance(layer, BaseTunerLayer)
     }
 
 
-def count_base_parameters(model_config: Any) -> int:
+def _adaptable_layer_names(model: Any) -> list[str]:
+    """The distinct last name parts of the layers a target list can name (for the error message)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
+    kinds = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)})
 
 
 @dataclass
@@ -127,9 +172,11 @@ class Plan:
     worker_resources: dict[str, float]
     cluster_needs: dict[str, float]
     global_batch: int
-    adapted_layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The fields of AdapterEstimate, filled when the plan is built with the model's config.
     base_parameters: int = 0
     trainable_parameters: int = 0
+    adapted_layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    learning_rates: dict[str, float] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -141,16 +188,12 @@ def build_plan(spec: JobSpec, model_config: Any | None = None) -> Plan:
     problems = algorithm_problems(spec)
     if problems:
         raise JobSpecError("; ".join(problems))
-    plan = Plan(
+    estimate = estimate_adapter(spec, model_config) if model_config is not None else None
+    return Plan(
         spec=spec,
         deepspeed=deepspeed_config(spec),
         worker_resources=worker_resources(spec),
         cluster_needs=cluster_needs(spec),
         global_batch=spec.train.batch_size * spec.train.grad_accum * spec.scaling.num_workers,
+        **(vars(estimate) if estimate else {}),
     )
-    if model_config is not None:
-        method = get_method(spec.adapter.method)
-        plan.adapted_layers = adapted_linear_shapes(model_config, spec.adapter.target_modules)
-        plan.base_parameters = count_base_parameters(model_config)
-        plan.trainable_parameters = method.count_trainable(spec.adapter, list(plan.adapted_layers.values()))
-    return plan

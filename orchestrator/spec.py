@@ -77,6 +77,12 @@ class OptimSpec(_Section):
     lora_plus_ratio: Optional[float] = Field(
         None, gt=0, description="LoRA+: B's learning rate = ratio × A's (lr); ~16 is typical. lora and delta_lora only."
     )
+    lora_plus_lr_embedding: float = Field(
+        1e-6, gt=0, description=(
+            "LoRA+: the learning rate of LoRA on embedding layers (both its A and B), as PEFT's "
+            "create_loraplus_optimizer; used only when lora_plus_ratio is set."
+        ),
+    )
 
 
 class TrainSpec(_Section):
@@ -198,10 +204,12 @@ class JobSpec(_Section):
         if self.scaling.accelerator_type is not None and not self.scaling.use_gpu:
             raise ValueError("scaling.accelerator_type: needs scaling.use_gpu: true")
         start_step = getattr(self.adapter, "start_step", None)
-        if start_step is not None and start_step >= self.train.max_steps:
+        # The paper's W update runs after iterations t > K, and iterations end at max_steps - 1.
+        if start_step is not None and start_step + 1 >= self.train.max_steps:
             raise ValueError(
-                f"adapter.start_step: {start_step} is not below train.max_steps ({self.train.max_steps}), so the "
-                f"Delta-LoRA update would never start; lower it (about a tenth of the run is typical)"
+                f"adapter.start_step: {start_step} leaves no iteration after it below train.max_steps "
+                f"({self.train.max_steps}), so the Delta-LoRA update would never start; lower it (about a tenth "
+                f"of the run is typical)"
             )
         if self.tune is not None:
             check_search(self)

@@ -312,3 +312,18 @@ def test_lora_fa_projected_step_equals_peft_lorafa_optimizer():
         torch.testing.assert_close(ours_state[name], theirs_state[name], rtol=0, atol=1e-12, msg=name)
     unprojected_state = get_peft_model_state_dict(unprojected)
     assert max((unprojected_state[n] - ours_state[n]).abs().max().item() for n in ours_state) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["delta_lora", "lora_fa"])
+def test_linear_only_methods_refuse_an_embedding_in_one_line_from_plan(method):
+    """PEFT starts an embedding's A at zero (B random): LoRA-FA would freeze the wrong factor, and
+    Delta-LoRA's W update is defined for linear layers."""
+    from transformers import AutoConfig
+
+    from orchestrator.builtin.models import resolve_model_path
+    from orchestrator.errors import PreflightError
+
+    spec = validate_spec({**BASE, "adapter": {"method": method, **METHOD_OPTIONS[method],
+                                              "target_modules": ["q_proj", "embed_tokens"]}})
+    with pytest.raises(PreflightError, match=rf"{method} adapts linear layers only, and model.embed_tokens is not one"):
+        build_plan(spec, AutoConfig.from_pretrained(resolve_model_path("builtin:tiny-llama")))

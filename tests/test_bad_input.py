@@ -14,6 +14,9 @@ import pytest
 import yaml
 
 from orchestrator import cli
+from orchestrator.launch.preflight import preflight
+from orchestrator.launch.runtime import require_resources, with_local_cpu_share
+from orchestrator.spec import load_spec
 from orchestrator.storage.fs import open_storage
 from ray_head import free_ports
 
@@ -113,8 +116,18 @@ def _job_text(case: Case, storage_uri: str, files: dict[str, str]) -> str:
     return yaml.safe_dump(spec)
 
 
-def test_the_corpus_covers_at_least_25_distinct_causes():
-    assert len({case.id for case in CASES}) == len(CASES) >= 25
+def test_the_job_each_case_breaks_passes_every_check_before_training(ray_session, s3_storage_uri, bad_files, tmp_path):
+    """The control: without its one change a case's job passes validation, preflight (model, adapter fit,
+    data), the storage check and the cluster fit, so each error below comes from the case's own change."""
+    job = tmp_path / "job.yaml"
+    job.write_text(_job_text(Case("control", expect=""), s3_storage_uri, bad_files))
+    spec = load_spec(job)
+    resolved = preflight(spec)
+    assert resolved.model_config.model_type == "llama" and resolved.data_path.endswith(".jsonl")
+    open_storage(spec.storage.uri).check_writable()
+    require_resources(with_local_cpu_share(spec))
+    storage = open_storage(s3_storage_uri)
+    assert storage.list_files(storage.root) == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)

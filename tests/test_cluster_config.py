@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from conftest import REPO
+from orchestrator import cli
 from orchestrator.errors import JobSpecError
 from orchestrator.launch.cluster_client import ClusterError, auth_headers, dashboard_url, shortfall
 from orchestrator.launch.submit import CREDENTIALS_FILE, build_runtime_env, check_cluster_storage, entrypoint, load_runtime_env
@@ -25,23 +29,51 @@ def _launcher(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
+def _ray_versions_accepted():
+    """The Ray versions this package installs with (pyproject's dependency): an image must hold one."""
+    return next(Requirement(r) for r in metadata.requires("orchestrator") if Requirement(r).name == "ray").specifier
+
+
+def _shell_commands(line: str) -> list[list[str]]:
+    """`ulimit -n 1; A=b ray start --x=1` → [["ulimit", "-n", "1"], ["A=b", "ray", "start", "--x=1"]]."""
+    return [shlex.split(part) for part in line.split(";") if part.strip()]
+
+
+def _flags(words: list[str]) -> dict[str, str | bool]:
+    """["--port=6379", "--head"] → {"--port": "6379", "--head": True}."""
+    return {name: value or True for name, _, value in (word.partition("=") for word in words)}
+
+
+def _ray_start(line: str) -> tuple[dict[str, str], dict[str, str | bool]]:
+    """The environment assignments and the flags of a line's `ray start`."""
+    words, at = next((c, i) for c in _shell_commands(line) for i in range(len(c) - 1) if c[i:i + 2] == ["ray", "start"])
+    return dict(word.split("=", 1) for word in words[:at]), _flags(words[at + 2:])
+
+
 @pytest.mark.parametrize("name, provider", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
 def test_launcher_yamls_define_cpu_head_and_autoscaling_gpu_workers_that_install_this_package(name, provider):
     config = _launcher(name)
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands", "file_mounts"):
-        assert key in config, f"{name}: {key} missing"
     assert config["provider"]["type"] == provider
     types = config["available_node_types"]
-    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0} and head["min_workers"] == head["max_workers"] == 0  # the head trains nothing
     gpu_types = [t for n, t in types.items() if n != config["head_node_type"]]
-    assert gpu_types and all(t["min_workers"] < t["max_workers"] for t in gpu_types)
-    assert config["max_workers"] >= max(t["max_workers"] for t in gpu_types)
+    assert gpu_types and all(0 <= t["min_workers"] < t["max_workers"] <= config["max_workers"] for t in gpu_types)
+    image, tag = config["docker"]["image"].rsplit(":", 1)
+    assert image == "rayproject/ray" and tag.endswith("-gpu") and _ray_versions_accepted().contains(tag.split("-")[0])
     # The package is this checkout, copied to every node and pip-installed there.
     mount = next(target for target, source in config["file_mounts"].items() if source == ".")
-    assert any("pip install" in c and mount in c for c in config["setup_commands"])
-    assert all("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:])
-    assert "2.60" in config["docker"]["image"]
+    assert any(words[:2] == ["pip", "install"] and words[-1] == mount
+               for command in config["setup_commands"] for words in _shell_commands(command))
+    # Token auth: the token file reaches every node, and both kinds of node start Ray with it on.
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert config["head_start_ray_commands"][0] == config["worker_start_ray_commands"][0] == "ray stop"
+    head_env, head_flags = _ray_start(config["head_start_ray_commands"][-1])
+    worker_env, worker_flags = _ray_start(config["worker_start_ray_commands"][-1])
+    assert head_env == worker_env == {"RAY_AUTH_MODE": "token"}
+    assert head_flags["--head"] is True and "--head" not in worker_flags
+    assert worker_flags["--address"] == f"$RAY_HEAD_IP:{head_flags['--port']}"
+    assert worker_flags["--object-manager-port"] == head_flags["--object-manager-port"]
 
 
 def _documents(path: Path) -> list[dict]:
@@ -52,45 +84,94 @@ def _containers(pod_template: dict) -> list[dict]:
     return pod_template["spec"]["containers"]
 
 
-def test_kuberay_raycluster_has_gpu_worker_group_token_auth_and_the_package_image():
+def test_kuberay_raycluster_holds_the_cluster_job_and_exposes_the_dashboard():
     (cluster,) = _documents(CLUSTER / "kuberay" / "raycluster.yaml")
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
-    _check_ray_cluster_spec(cluster["spec"])
+    _check_ray_cluster_spec(cluster["spec"], load_spec(REPO / "jobs" / "cluster-lora.yaml"))
+    (head,) = _containers(cluster["spec"]["headGroupSpec"]["template"])
+    assert {p["containerPort"]: p["name"] for p in head["ports"]} == {6379: "gcs", 8265: "dashboard"}
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # reached through the pod's service
 
 
-def _check_ray_cluster_spec(spec: dict) -> None:
-    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-    for container in (c for t in templates for c in _containers(t)):
-        assert "orchestrator" in container["image"]
+def _check_ray_cluster_spec(spec: dict, job) -> None:
+    """Token auth and store credentials in every pod, cluster/Dockerfile's image at this package's version, a
+    head that trains nothing, and worker groups that hold `job` (a JobSpec) at their largest."""
+    assert _ray_versions_accepted().contains(spec["rayVersion"])
+    head, groups = spec["headGroupSpec"], spec["workerGroupSpecs"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    containers = [c for t in [head["template"]] + [g["template"] for g in groups] for c in _containers(t)]
+    for container in containers:
         env = {e["name"]: e for e in container["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
-    gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for g in spec["workerGroupSpecs"] for c in _containers(g["template"])]
-    assert gpus and all(n >= 1 for n in gpus)
-    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
+        assert container["envFrom"] == [{"secretRef": {"name": "orchestrator-s3"}}]
+        assert container["resources"]["requests"] == container["resources"]["limits"]
+    (image,) = {c["image"] for c in containers}
+    assert image.rsplit(":", 1)[0].endswith("/orchestrator") and image.rsplit(":", 1)[1] == metadata.version("orchestrator")
+    # Ray in a pod counts the CPUs and GPUs of its container's limits.
+    nodes = [{"CPU": float(c["resources"]["limits"]["cpu"]), "GPU": float(c["resources"]["limits"].get("nvidia.com/gpu", 0))}
+             for g in groups for _ in range(g["maxReplicas"]) for c in _containers(g["template"])]
+    per_worker = {name: amount for name, amount in worker_resources(job).items() if name in ("CPU", "GPU")}
+    needs = {name: amount for name, amount in cluster_needs(job).items() if name in per_worker}
+    total = {name: sum(node[name] for node in nodes) for name in ("CPU", "GPU")}
+    assert job.scaling.use_gpu and shortfall(needs, per_worker, job.scaling.num_workers, total, nodes) is None
 
 
 def test_kuberay_rayjob_runs_orchestrator_on_a_job_spec_from_its_configmap_that_validates():
     docs = _documents(CLUSTER / "kuberay" / "rayjob.yaml")
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     job = next(d for d in docs if d["kind"] == "RayJob")
-    command = job["spec"]["entrypoint"].split()
-    assert command[:4] == ["python", "-m", "orchestrator", "run"]
-    spec_path = Path(command[4])
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "orchestrator"]
+    command = cli._parser().parse_args(words[3:])
+    # Not --local: the run joins the RayJob's own cluster instead of starting a Ray inside the head pod.
+    assert command.command == "run" and not command.local and not command.resume and command.overrides == []
+    spec_path = Path(command.job)
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
     mount = next(m for c in _containers(head) for m in c["volumeMounts"] if m["mountPath"] == str(spec_path.parent))
     volume = next(v for v in head["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
     spec = validate_spec(yaml.safe_load(config_map["data"][spec_path.name]), source="rayjob ConfigMap")
-    assert spec.storage.uri.startswith("s3://") and spec.scaling.use_gpu
+    # Its header says the ConfigMap can be made from jobs/cluster-lora.yaml: the two are the same job.
+    assert spec == load_spec(REPO / "jobs" / "cluster-lora.yaml")
     check_cluster_storage(spec)
-    _check_ray_cluster_spec(job["spec"]["rayClusterSpec"])
+    _check_ray_cluster_spec(job["spec"]["rayClusterSpec"], spec)
+    (submitter,) = _containers(job["spec"]["submitterPodTemplate"])
+    assert submitter["image"] == _containers(head)[0]["image"]
 
 
-def test_local_head_script_starts_a_blocking_token_auth_head_on_loopback():
-    script = (CLUSTER / "local.sh").read_text()
-    assert "ray start --head --block" in script and "--node-ip-address=127.0.0.1" in script
-    assert "RAY_AUTH_MODE=token" in script and "ray stop" not in script
-    assert subprocess.run(["bash", "-n", str(CLUSTER / "local.sh")]).returncode == 0
+def test_local_head_script_starts_a_blocking_token_auth_head_on_loopback(tmp_path):
+    """cluster/local.sh run against a stand-in `ray` that records how it was called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {tmp_path}/calls\n'
+        f'if [ "$1" = start ]; then printf "%s\\n" "$@" > {tmp_path}/start_args; env > {tmp_path}/start_env; fi\n'
+        '[ "$*" = get-auth-token ] && [ -n "${NO_TOKEN:-}" ] && exit 1\n'
+        "exit 0\n")
+    (bin_dir / "ray").chmod(0o755)
+
+    def local_sh(*args: str, **env: str) -> tuple[list[str], dict[str, str | bool], dict[str, str]]:
+        (tmp_path / "calls").unlink(missing_ok=True)
+        result = subprocess.run(["bash", str(CLUSTER / "local.sh"), *args], capture_output=True, text=True, timeout=60,
+                                env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
+                                     "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t", **env})
+        assert result.returncode == 0, result.stderr
+        start = (tmp_path / "start_args").read_text().splitlines()
+        started_env = dict(line.split("=", 1) for line in (tmp_path / "start_env").read_text().splitlines() if "=" in line)
+        return (tmp_path / "calls").read_text().splitlines(), _flags(start[1:]), started_env
+
+    calls, flags, env = local_sh("3")
+    assert calls[0] == "get-auth-token" and calls[-1].startswith("start ") and not any(c.startswith("stop") for c in calls)
+    assert flags == {"--head": True, "--block": True, "--node-ip-address": "127.0.0.1", "--port": "6379",
+                     "--dashboard-host": "127.0.0.1", "--dashboard-port": "8265", "--num-cpus": "3",
+                     "--dashboard-agent-listen-port": "0"}
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env  # jobs get them from the submitter
+
+    calls, flags, env = local_sh("2", NO_TOKEN="1", RAY_HEAD_PORT="7000", RAY_DASHBOARD_PORT="8300")
+    assert calls[:2] == ["get-auth-token", "get-auth-token --generate"]
+    assert (flags["--port"], flags["--dashboard-port"], flags["--num-cpus"], env["RAY_ADDRESS"]) == ("7000", "8300", "2", "127.0.0.1:7000")
 
 
 @pytest.mark.parametrize("name", ["cluster-lora.yaml", "cluster-local.yaml"])
@@ -99,9 +180,14 @@ def test_cluster_job_examples_validate_and_use_shared_storage(name):
     check_cluster_storage(spec)
 
 
-def test_dockerfile_installs_this_package_on_the_ray_image():
-    text = (CLUSTER / "Dockerfile").read_text()
-    assert "FROM rayproject/ray:2.60" in text and "pip install" in text
+def test_dockerfile_installs_this_checkout_on_the_launchers_ray_image():
+    lines = [line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    steps = [(instruction.upper(), shlex.split(arguments)) for instruction, arguments in (line.split(None, 1) for line in lines)]
+    assert steps[0] == ("FROM", [_launcher("aws.yaml")["docker"]["image"]]) and steps[0][1] == [_launcher("gcp.yaml")["docker"]["image"]]
+    (copy,) = [arguments for instruction, arguments in steps if instruction == "COPY"]
+    source, target = [word for word in copy if not word.startswith("--")]
+    assert source == "."
+    assert any(arguments[:2] == ["pip", "install"] and arguments[-1] == target for instruction, arguments in steps if instruction == "RUN")
 
 
 def _spec(**sections):

@@ -8,7 +8,9 @@ import pytest
 
 from orchestrator.errors import PreflightError
 from orchestrator.spec import DataSpec
-from orchestrator.train.data import IGNORE_INDEX, BatchSchedule, check_fields, collate, load_records, tokenize_records
+from orchestrator.train.data import (
+    IGNORE_INDEX, BatchSchedule, check_fields, collate, eval_batches, load_records, tokenize_records,
+)
 
 ROWS = [{"prompt": f"{i}+1=", "completion": str(i + 1), "text": f"count {i}"} for i in range(20)]
 
@@ -82,6 +84,19 @@ def test_batches_are_disjoint_across_ranks_and_reproducible():
     wrapped = BatchSchedule(10, 4, 1, 1, 0, seed=0)
     first_epoch = [i for step in range(2) for i in wrapped.indices(step, 0)] + wrapped.indices(2, 0)[:2]
     assert sorted(first_epoch) == list(range(10))
+
+
+@pytest.mark.parametrize("examples, batch_size, max_batches, world", [(9, 4, 8, 2), (1, 4, 8, 2), (10, 3, 2, 3), (7, 2, 8, 4), (8, 4, 8, 2)])
+def test_every_rank_runs_the_same_number_of_eval_forwards(examples, batch_size, max_batches, world):
+    """Under ZeRO-3 every forward is a collective: a rank with fewer eval batches would hang the others."""
+    rows = [{"input_ids": [i, i + 1, i + 2], "labels": [i, i + 1, i + 2]} for i in range(examples)]
+    per_rank = [eval_batches(rows, batch_size, max_batches, world, rank) for rank in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1, [len(b) for b in per_rank]
+    assert all(0 < len(batch) <= batch_size for batches in per_rank for batch in batches)
+    counted = [row["input_ids"][0] for batches in per_rank for batch in batches for row in batch
+               if any(label != IGNORE_INDEX for label in row["labels"])]
+    expected = [i for rank in range(world) for i in range(rank, examples, world)[: batch_size * max_batches]]
+    assert sorted(counted) == sorted(expected)  # every real row once; padding rows carry no labels
 
 
 def test_s3_data_path_loads_through_the_same_credentials(object_store, s3_storage_uri):

@@ -97,3 +97,90 @@ def test_lora_plus_groups_carry_the_ratio():
     optimizer.param_groups[1]["lr"] = optimizer.param_groups[0]["lr"]  # what a lossy ZeRO wrapper would do
     with pytest.raises(RuntimeError, match="lost the optimizer's per-group learning rates"):
         check_rates(optimizer, built)
+
+
+def _peft_trainable(base, config) -> int:
+    """The reference: stock PEFT on a real model, without this project's attach."""
+    from peft import get_peft_model
+
+    base.requires_grad_(False)
+    model = get_peft_model(base, config)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _tiny_gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "model, method, targets",
+    [
+        ("tiny-llama", "lora", ["q_proj", "embed_tokens"]),
+        ("tiny-llama", "lora", ["lm_head"]),
+        ("tiny-llama", "lora", "all-linear"),
+        ("tiny-llama", "vera", ["lm_head"]),
+        ("tiny-llama", "vera", ["q_proj", "v_proj", "lm_head"]),
+        ("tiny-llama", "vera", "all-linear"),
+        ("tiny-gpt2", "lora", ["c_attn"]),
+        ("tiny-gpt2", "vera", ["c_attn"]),
+    ],
+)
+def test_plan_counts_what_peft_attaches_for_any_layer_type(tiny_llama_path, model, method, targets):
+    from peft import LoraConfig, VeraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model == "tiny-llama":
+        config = AutoConfig.from_pretrained(tiny_llama_path)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    else:
+        config = _tiny_gpt2_config()
+        base = AutoModelForCausalLM.from_config(config)
+    rank = {"lora": 4, "vera": 32}[method]
+    # GPT-2's Conv1D stores its weight as (in, out): PEFT needs fan_in_fan_out for it.
+    reference = (LoraConfig(r=rank, target_modules=targets, fan_in_fan_out=model == "tiny-gpt2") if method == "lora"
+                 else VeraConfig(r=rank, target_modules=targets))
+    expected = _peft_trainable(base, reference)
+
+    plan = build_plan(spec_with(adapter={"method": method, "r": rank, "target_modules": targets}), config)
+    assert plan.trainable_parameters == expected > 0
+    assert plan.base_parameters == sum(p.numel() for p in base.parameters() if not p.requires_grad)
+
+
+def test_adapted_layers_give_in_and_out_features_of_every_layer_type(tiny_llama_path):
+    from transformers import AutoConfig
+
+    llama = AutoConfig.from_pretrained(tiny_llama_path)
+    layers = build_plan(spec_with(adapter={"target_modules": ["q_proj", "embed_tokens", "lm_head"]}), llama).adapted_layers
+    head_dim = llama.hidden_size // llama.num_attention_heads
+    assert layers["model.embed_tokens"] == (llama.vocab_size, llama.hidden_size)  # (num_embeddings, embedding_dim)
+    assert layers["lm_head"] == (llama.hidden_size, llama.vocab_size)
+    assert layers["model.layers.1.self_attn.q_proj"] == (llama.hidden_size, llama.num_attention_heads * head_dim)
+    assert len(layers) == 2 + llama.num_hidden_layers
+    gpt2 = _tiny_gpt2_config()
+    layers = build_plan(spec_with(adapter={"target_modules": ["c_attn"]}), gpt2).adapted_layers
+    assert layers == {f"transformer.h.{i}.attn.c_attn": (32, 96) for i in range(2)}  # Conv1D weight is (in, out)
+
+
+def test_targets_that_match_nothing_list_the_adaptable_layers(tiny_llama_path):
+    from transformers import AutoConfig
+
+    from orchestrator.errors import PreflightError
+
+    config = AutoConfig.from_pretrained(tiny_llama_path)
+    with pytest.raises(PreflightError, match=r"\['query'\] match no linear layer, embedding or Conv1D .*embed_tokens, gate_proj, "
+                                             r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)"):
+        build_plan(spec_with(adapter={"target_modules": ["query"]}), config)
+    # A layer PEFT cannot adapt with this method is refused by PEFT itself, in one line.
+    with pytest.raises(PreflightError, match=r"adapter: vera cannot be attached to target_modules \['embed_tokens'\] \(.+\)$"):
+        build_plan(spec_with(adapter={"method": "vera", "target_modules": ["embed_tokens"]}), config)
+
+
+def test_plan_shows_the_learning_rate_of_every_optimizer_group(tiny_llama_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llama_path)
+    spec = spec_with(adapter={"target_modules": ["q_proj", "embed_tokens"]}, optim={"lr": 1e-4, "lora_plus_ratio": 16})
+    assert build_plan(spec, config).learning_rates == {"A": 1e-4, "embedding": 1e-6, "B": pytest.approx(1.6e-3)}
+    assert build_plan(spec_with(optim={"lr": 1e-4}), config).learning_rates == {"adapter": 1e-4}

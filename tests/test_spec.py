@@ -15,10 +15,25 @@ REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}
 
 
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 @pytest.mark.parametrize("job_file", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_job_validates(job_file):
+def test_every_shipped_job_validates_with_every_value_as_written(job_file):
+    import yaml
+
     spec = load_spec(job_file)
-    assert spec.name
+    # The docs run `jobs/<name>.yaml` and point at runs/<name>/: the file's stem is the job's name.
+    assert spec.name == job_file.stem
+    # Nothing the example sets is dropped, renamed or coerced on the way in.
+    held = dict(_leaves(spec.model_dump(mode="json")))
+    written = dict(_leaves(yaml.safe_load(job_file.read_text())))
+    assert {key: held.get(key, "<missing>") for key in written} == written
 
 
 def test_issue_field_names_are_the_public_interface():
@@ -55,8 +70,8 @@ def _with(section: str, **fields) -> dict:
         (_with("adapter", method="delta_lora", dropout=0.1), "adapter.dropout: unknown field"),
         (_with("adapter", method="vera", d_initial=0), "adapter.d_initial: Input should be greater than 0"),
         (_with("adapter", method="delta_lora", update_ratio=-1), "adapter.update_ratio: Input should be greater than or equal to 0"),
-        ({**_with("adapter", method="delta_lora", start_step=100), "train": {"max_steps": 100}},
-         "adapter.start_step: 100 is not below train.max_steps (100)"),
+        ({**_with("adapter", method="delta_lora", start_step=99), "train": {"max_steps": 100}},
+         "adapter.start_step: 99 leaves no iteration after it below train.max_steps (100)"),
         ({**_with("adapter", method="vera"), "optim": {"lora_plus_ratio": 16}},
          "optim.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, but adapter method 'vera'"),
         ({**_with("adapter", method="lora_fa"), "optim": {"lora_plus_ratio": 16}}, "adapter method 'lora_fa' does not train both"),
@@ -124,3 +139,16 @@ def test_reading_a_spec_does_not_load_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_resume_check_fills_in_fields_added_since_a_run_was_stored():
+    from orchestrator.errors import JobSpecError
+    from orchestrator.launch.run import _check_same_run
+
+    spec = validate_spec({**MINIMAL, "optim": {"lr": 1e-3, "lora_plus_ratio": 4}})
+    stored = spec.model_dump(mode="json")
+    del stored["optim"]["lora_plus_lr_embedding"]  # written before the field existed
+    _check_same_run(stored, spec, "old-run")
+    stored["optim"]["lr"] = 2e-3
+    with pytest.raises(JobSpecError, match=r"^optim: differs from the spec stored with run old-run"):
+        _check_same_run(stored, spec, "old-run")

@@ -1,6 +1,6 @@
 """Search: the space is validated before anything starts; a real local search with ASHA on 2 CPUs
 stops poor trials early, publishes a leaderboard, curves and the best adapter; --resume reruns only
-what did not finish."""
+what did not finish; a trial exports like a run."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import orchestrator
+from orchestrator import cli
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.tune import max_concurrent_trials
 from orchestrator.spec import trial_raw, validate_spec
@@ -88,8 +89,19 @@ def test_concurrency_is_what_the_cluster_holds():
     assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 2}) == 1
 
 
+def test_export_refuses_a_search_and_names_its_trials(tmp_path):
+    with pytest.raises(OrchestratorError, match=r"s3://b/p/tune/asha: a search, not a run; export one of its trials "
+                                                r"\(…/tune/asha/trials/<trial-id>"):
+        orchestrator.export("s3://b/p/tune/asha", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _stored_jsonl(storage, path: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+
+
 @pytest.mark.slow
-def test_local_search_with_asha_leaderboard_plot_best_adapter_and_resume(ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path):
+def test_local_search_with_asha_leaderboard_plot_best_adapter_resume_and_trial_export(ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path):
     spec = validate_spec({
         **BASE,
         "data": {"path": "builtin:arithmetic", "max_length": 24},
@@ -115,6 +127,13 @@ def test_local_search_with_asha_leaderboard_plot_best_adapter_and_resume(ray_ses
     first = orchestrator.tune(spec, echo=echo)
     statuses = {row["trial"]: row["status"] for row in first.leaderboard}
     assert len(statuses) == 4 and list(statuses.values()).count("error") == 1, first.leaderboard
+    # The console told the story: four trials started, the injected fault's trial failed, the best and the leaderboard named.
+    failed = next(trial for trial, status in statuses.items() if status == "error")
+    assert failed.endswith("_00000")
+    assert sorted(line.split()[1] for line in lines if line.startswith("trial ") and " started: " in line) == sorted(statuses)
+    assert [line.split()[1] for line in lines if line.startswith("trial ") and " failed | " in line] == [failed]
+    assert any(line.startswith(f"best trial {first.leaderboard[0]['trial']}: eval_loss ") for line in lines)
+    assert lines[-1] == f"leaderboard: {s3_storage_uri}/tune/asha/leaderboard.md"
 
     resumed_lines: list[str] = []
 
@@ -129,10 +148,19 @@ def test_local_search_with_asha_leaderboard_plot_best_adapter_and_resume(ray_ses
     assert [row["status"] for row in rows] == ["complete"] * 4
     assert any(row["stopped_early"] for row in rows), "ASHA stopped no trial"
     assert {row["steps"] for row in rows} <= {10, 20, 30} and max(row["steps"] for row in rows) == 30
-    assert rows[0]["best_eval_loss"] <= min(r["best_eval_loss"] for r in rows)
 
+    # The ranking, checked against what each trial's workers logged (metrics.jsonl), not Tune's records. A
+    # stopped trial's workers may train on a little after the search's verdict: only what it saw counts.
     storage = open_storage(s3_storage_uri)
     search_dir = storage.path("tune", "asha")
+    logged = {row["trial"]: _stored_jsonl(storage, f"{search_dir}/trials/{row['trial']}/metrics.jsonl") for row in rows}
+    seen_best = {row["trial"]: min(m["eval_loss"] for m in logged[row["trial"]] if "eval_loss" in m and m["step"] <= row["steps"])
+                 for row in rows}
+    for row in rows:
+        assert row["best_eval_loss"] == pytest.approx(seen_best[row["trial"]], rel=1e-6), (row, logged[row["trial"]])
+        assert row["stopped_early"] or logged[row["trial"]][-1]["step"] == 30
+    assert [row["rank"] for row in rows] == [1, 2, 3, 4]
+    assert rows[0]["trial"] == min(seen_best, key=seen_best.get)
     table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{search_dir}/leaderboard.csv").decode())))
     assert len(table) == 4 and all(json.loads(r["params"]).keys() == {"adapter.method", "optim.lr"} for r in table)
     png = storage.read_bytes(f"{search_dir}/curves.png")
@@ -147,6 +175,23 @@ def test_local_search_with_asha_leaderboard_plot_best_adapter_and_resume(ray_ses
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path), str(local))
     assert model(input_ids=torch.arange(3, 12)[None]).logits.isfinite().all()
     assert json.loads(storage.read_bytes(f"{search_dir}/best/best.json"))["trial"] == rows[0]["trial"]
+
+    # A trial exports like a run, through its URI (docs/tune.md): the same manifest and logits checks.
+    from safetensors.torch import load, load_file
+
+    best = next(row for row in rows if not row["stopped_early"])  # a trial ASHA stopped has no final adapter
+    trial_uri = f"{s3_storage_uri}/tune/asha/trials/{best['trial']}"
+    assert cli.main(["export", trial_uri, "--out", str(tmp_path / "trial-adapter")]) == 0
+    exported = load_file(tmp_path / "trial-adapter" / "adapter_model.safetensors")
+    stored = load(storage.read_bytes(f"{search_dir}/trials/{best['trial']}/adapter/adapter_model.safetensors"))
+    assert exported.keys() == stored.keys() and len(stored) > 0
+    assert all(torch.equal(exported[name], stored[name]) for name in stored)
+    orchestrator.export(trial_uri, tmp_path / "trial-merged", merged=True, echo=lines.append)
+    probe = load(storage.read_bytes(f"{search_dir}/trials/{best['trial']}/probe_logits.safetensors"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "trial-merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe["input_ids"][None]).logits[0, -4:], probe["logits"].float(),
+                                   rtol=1e-4, atol=1e-4)
 
     with pytest.raises(OrchestratorError, match="already exists"):
         orchestrator.tune(spec, echo=lines.append)

@@ -25,7 +25,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from orchestrator.adapters.lora import LowRankSpec, count_low_rank_trainable, lora_config, lora_layers
+from orchestrator.adapters.lora import (
+    LowRankSpec, count_low_rank_trainable, lora_config, lora_layers, require_linear_layers,
+)
 from orchestrator.adapters.registry import AdapterMethod, peft_export, register
 
 
@@ -45,6 +47,7 @@ def attach_delta_lora(model, spec: DeltaLoraSpec):
     from orchestrator.adapters._delta_lora_variant import DeltaLoraVariant
 
     model = get_peft_model(model, lora_config(spec, dropout=0.0))
+    require_linear_layers(model, "delta_lora")
     for _, layer in lora_layers(model):
         lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
         # Buffers, not parameters: ZeRO-3 never partitions them, and the engine checkpoint keeps them.

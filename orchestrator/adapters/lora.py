@@ -50,6 +50,14 @@ def lora_layers(model):
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
+def require_linear_layers(model, method: str) -> None:
+    """Refuse an adapted embedding (PEFT's lora_embedding_A/B), for methods defined on linear layers only.
+    ValueError is how PEFT refuses a layer, so `plan` reports it in one line."""
+    for name, layer in lora_layers(model):
+        if not layer.lora_A:
+            raise ValueError(f"{method} adapts linear layers only, and {name.removeprefix('base_model.model.')} is not one")
+
+
 def attach_lora(model, spec: LoraSpec):
     from peft import get_peft_model
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from orchestrator.adapters.lora import LowRankSpec, lora_config, lora_layers
+from orchestrator.adapters.lora import LowRankSpec, lora_config, lora_layers, require_linear_layers
 from orchestrator.adapters.registry import AdapterMethod, register
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ def attach_lora_fa(model, spec: LoraFaSpec):
     from orchestrator.adapters._seeded_dropout import SeededDropout
 
     model = get_peft_model(model, lora_config(spec, spec.dropout))
+    # PEFT starts an embedding's A at zero and its B at random: the factor to freeze is not A there.
+    require_linear_layers(model, "lora_fa")
     for _, layer in lora_layers(model):
         for adapter in layer.lora_A:
             layer.lora_A[adapter].requires_grad_(False)

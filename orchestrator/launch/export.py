@@ -1,4 +1,4 @@
-"""`orchestrator export`: a finished run's adapter in PEFT format, or the base with it merged in.
+"""`orchestrator export`: a finished run's (or search trial's) adapter in PEFT format, or the base with it merged in.
 
 Everything is downloaded and checked against the run manifest first, the result is checked against
 the logits the trained model produced (probe_logits.safetensors), and it is written to a staging
@@ -7,7 +7,6 @@ directory that is renamed into place only when complete: a failed export leaves 
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from contextlib import nullcontext
@@ -17,9 +16,10 @@ import torch
 import yaml
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.launch.results import split_result_uri
 from orchestrator.launch.runtime import embedded_store, uses_embedded_store
 from orchestrator.spec import validate_spec
-from orchestrator.storage.fs import open_storage
+from orchestrator.storage.fs import Storage, open_storage
 from orchestrator.storage.layout import RunLayout
 from orchestrator.storage.manifest import hash_local_dir, read_manifest
 
@@ -27,22 +27,19 @@ from orchestrator.storage.manifest import hash_local_dir, read_manifest
 _PROBE_TOLERANCE = {False: 1e-4, True: 5e-2}
 
 
-def parse_run_uri(run_uri: str) -> tuple[str, str, str]:
-    """`s3://bucket/prefix/runs/<job>/<run-id>` → (storage URI, job, run id)."""
-    match = re.fullmatch(r"((?:s3|file)://.+?)/runs/([^/]+)/([^/]+)/?", run_uri)
-    if not match:
-        raise OrchestratorError(f"{run_uri}: not a run URI (expected s3://bucket[/prefix]/runs/<job>/<run-id>)")
-    return match.group(1), match.group(2), match.group(3)
-
-
 def export(run_uri: str, out: str | Path, merged: bool = False, endpoint_url: str | None = None, echo=print) -> Path:
-    storage_uri, job, run_id = parse_run_uri(run_uri)
+    """`run_uri`: …/runs/<job>/<run-id> or a search trial, …/tune/<search>/trials/<trial-id> (or either path
+    relative to local mode's store, as `orchestrator runs` prints it)."""
+    storage_uri, path = split_result_uri(run_uri)
+    if path.count("/") == 1:  # tune/<search>
+        raise OrchestratorError(f"{run_uri}: a search, not a run; export one of its trials (…/{path}/trials/<trial-id>, "
+                                f"`orchestrator show {storage_uri}/{path}` lists them) or copy its best/adapter, already in PEFT format")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OrchestratorError(f"--out {out}: already exists and is not an empty directory")
     serving = embedded_store(echo) if uses_embedded_store(storage_uri, endpoint_url) else nullcontext()
     with serving, tempfile.TemporaryDirectory(prefix="orchestrator-export-") as scratch:
-        run_dir = _download_verified(RunLayout(open_storage(storage_uri, endpoint_url), job, run_id), Path(scratch) / "run")
+        run_dir = _download_verified(_run_layout(open_storage(storage_uri, endpoint_url), path), Path(scratch) / "run")
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent.resolve() if out.parent.exists() else None))
         try:
             if merged:
@@ -59,10 +56,20 @@ def export(run_uri: str, out: str | Path, merged: bool = False, endpoint_url: st
     return out
 
 
+def _run_layout(storage: Storage, path: str) -> RunLayout:
+    """runs/<job>/<run-id>, or tune/<search>/trials/<trial-id>: a trial is stored as a run (launch/tune.py)."""
+    parts = path.split("/")
+    if parts[0] == "tune":
+        return RunLayout(storage, f"{parts[1]}/trials", parts[3], root="tune")
+    return RunLayout(storage, parts[1], parts[2])
+
+
 def _download_verified(layout: RunLayout, local: Path) -> Path:
     manifest = read_manifest(layout.storage, layout.run_dir)
     if manifest is None or manifest.get("status") != "complete":
-        raise OrchestratorError(f"{layout.uri}: no complete run there (its manifest.json is missing); resume or finish the run first")
+        unfinished = ("a trial the search stopped early or that failed has none; its checkpoints/ hold adapters" if layout.root == "tune"
+                      else "resume or finish the run first")
+        raise OrchestratorError(f"{layout.uri}: no complete run there (its manifest.json is missing); {unfinished}")
     wanted = ("adapter", "spec.yaml", "probe_logits.safetensors")
     layout.storage.download_dir(layout.file("adapter"), local / "adapter")
     for name in wanted[1:]:

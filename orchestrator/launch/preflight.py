@@ -10,7 +10,7 @@ from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.builtin.models import resolve_model_path
 from orchestrator.adapters.lora import LowRankSpec
 from orchestrator.errors import PreflightError
-from orchestrator.plan import adapted_linear_shapes
+from orchestrator.plan import estimate_adapter
 from orchestrator.spec import JobSpec
 
 
@@ -37,18 +37,8 @@ def load_model_config(spec: JobSpec) -> tuple[str, Any]:
 
 
 def check_adapter_fits(spec: JobSpec, model_config: Any) -> None:
-    shapes = adapted_linear_shapes(model_config, spec.adapter.target_modules)
-    if not shapes:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise PreflightError(
-            f"adapter.target_modules: {spec.adapter.target_modules} match no linear layer of the model "
-            f"(its linear layers: {', '.join(names)})"
-        )
+    """Attach the adapter to the model on the meta device: it must match layers PEFT can adapt."""
+    shapes = estimate_adapter(spec, model_config).adapted_layers
     # A per-layer pair B·A of rank above a layer's dimension wastes parameters and memory. VeRA's
     # shared random projections are another matter: their rank commonly exceeds the hidden size.
     rank = spec.adapter.r if isinstance(spec.adapter, LowRankSpec) else None

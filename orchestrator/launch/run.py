@@ -46,6 +46,10 @@ def _lookup(data: dict, dotted: str) -> Any:
 
 def _check_same_run(stored: dict, spec: JobSpec, run_id: str) -> None:
     current = spec.model_dump(mode="json")
+    try:  # a spec stored by an older version lacks fields added since: compare with their defaults filled in
+        stored = JobSpec.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        pass
     for key in _RUN_IDENTITY:
         if _lookup(stored, key) != _lookup(current, key):
             raise JobSpecError(

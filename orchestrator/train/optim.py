@@ -1,4 +1,4 @@
-"""The optimizer: AdamW over adapter parameters in named groups (LoRA+ gives B its own learning rate).
+"""The optimizer: AdamW over adapter parameters in named groups (LoRA+ gives B and embeddings their own rates).
 
 DeepSpeed wraps this optimizer and rewrites its groups in place (ZeRO-2 flattens each group's
 params into one tensor, ZeRO-3 empties them outside step()). What must survive is each group's
@@ -14,33 +14,48 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import JobSpecError
 from orchestrator.spec import JobSpec
 
 
 def param_groups(model: torch.nn.Module, spec: JobSpec) -> list[dict[str, Any]]:
-    """Non-empty AdamW groups with a `name`: adapter | A | B (LoRA+) and no_decay (vectors, biases)."""
-    ratio = spec.optim.lora_plus_ratio
-    lr, decay = spec.optim.lr, spec.optim.weight_decay
-    buckets: dict[str, dict[str, Any]] = {
-        "A" if ratio else "adapter": {"params": [], "lr": lr, "weight_decay": decay},
-        "B": {"params": [], "lr": lr * (ratio or 1.0), "weight_decay": decay},
-        # Vectors (VeRA's b and d, biases) are not decayed, as in every HF recipe.
-        "no_decay": {"params": [], "lr": lr, "weight_decay": 0.0},
-    }
+    """Non-empty AdamW groups with a `name`: adapter and no_decay, or with LoRA+ A, embedding, B, B_no_decay.
+
+    LoRA+ groups as PEFT's `create_loraplus_optimizer` does: every parameter of a LoRA embedding
+    layer at optim.lora_plus_lr_embedding, lora_B and vectors at lr × ratio, the rest at lr.
+    """
+    optim = spec.optim
+    # Vectors (VeRA's b and d, biases) are not decayed, as in every HF recipe.
+    if optim.lora_plus_ratio:
+        rates = {"A": (optim.lr, optim.weight_decay), "embedding": (optim.lora_plus_lr_embedding, optim.weight_decay),
+                 "B": (optim.lr * optim.lora_plus_ratio, optim.weight_decay), "B_no_decay": (optim.lr * optim.lora_plus_ratio, 0.0)}
+    else:
+        rates = {"adapter": (optim.lr, optim.weight_decay), "no_decay": (optim.lr, 0.0)}
+    members: dict[str, list[torch.nn.Parameter]] = {name: [] for name in rates}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim < 2:
-            bucket = "no_decay"
-        elif ratio and ".lora_B." in name:
-            bucket = "B"
+        if optim.lora_plus_ratio:
+            members[_lora_plus_group(model, name, parameter)].append(parameter)
         else:
-            bucket = "A" if ratio else "adapter"
-        buckets[bucket]["params"].append(parameter)
-    if ratio and not buckets["B"]["params"]:
-        raise RuntimeError("optim.lora_plus_ratio is set but the model has no lora_B parameters")
+            members["no_decay" if parameter.ndim < 2 else "adapter"].append(parameter)
+    if optim.lora_plus_ratio and not members["B"]:
+        raise JobSpecError("optim.lora_plus_ratio: the adapter has no lora_B outside embedding layers for LoRA+ to speed up")
     # DeepSpeed drops empty groups, which would shift every group index the scheduler relies on.
-    return [dict(group, name=name) for name, group in buckets.items() if group["params"]]
+    return [{"name": name, "params": members[name], "lr": lr, "weight_decay": decay}
+            for name, (lr, decay) in rates.items() if members[name]]
+
+
+def _lora_plus_group(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter) -> str:
+    from peft.tuners.lora.layer import Embedding
+
+    # As PEFT: an adapter parameter sits in a dict below its tuner layer (`….lora_embedding_A.default`).
+    owner = ".".join(name.split(".")[:-2])
+    if owner and isinstance(model.get_submodule(owner), Embedding):
+        return "embedding"
+    if "lora_B" in name or parameter.ndim == 1:
+        return "B" if parameter.ndim >= 2 else "B_no_decay"
+    return "A"
 
 
 def make_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.AdamW:
