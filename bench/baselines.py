@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 
@@ -103,11 +102,10 @@ def spec_cpus(spec_json: str) -> float:
 def deepspeed_bare(spec, spec_json: str) -> None:
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from orchestrator.storage.objectstore import free_ports
+
     world = spec.scaling.num_workers
-    mp.spawn(_deepspeed_worker, args=(world, port, spec_json), nprocs=world, join=True)
+    mp.spawn(_deepspeed_worker, args=(world, free_ports(1)[0], spec_json), nprocs=world, join=True)
 
 
 def main(argv: list[str]) -> None:

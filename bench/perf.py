@@ -121,10 +121,10 @@ def _adapter_fraction_at_7b(spec: dict) -> float:
 def _stored_adapter_bytes(store_dir: Path) -> int:
     """The final adapter's safetensors size, read back from the run's (restarted) embedded store."""
     from orchestrator.storage.fs import open_storage
-    from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore, exported_env
+    from orchestrator.storage.objectstore import DEFAULT_BUCKET, DEFAULT_STORAGE, embedded_store
 
-    with EmbeddedObjectStore(store_dir) as store, exported_env(store.env()):
-        storage = open_storage(f"s3://{DEFAULT_BUCKET}")
+    with embedded_store(None, data_dir=store_dir, wait_for_stop=True):
+        storage = open_storage(DEFAULT_STORAGE)
         found = [p for p in storage.fs.find(f"{DEFAULT_BUCKET}/runs/bench-checkpoint")
                  if p.endswith("/adapter/adapter_model.safetensors")]
         return storage.fs.size(found[0])

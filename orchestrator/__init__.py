@@ -1,25 +1,79 @@
 """orchestrator: fine-tune parameter-efficient adapters with Ray Train + DeepSpeed, results in object storage.
 
-Public Python API (the CLI is a thin layer over it):
-    load_spec(path, overrides) -> JobSpec
-    plan(spec) -> Plan            pure: DeepSpeed config, resources, trainable-parameter estimate
-    run(spec, local=True, ...) -> RunResult
-    tune(spec, local=True, resume=False) -> TuneResult   Ray Tune search over the spec's tune.space
-    export(run_uri, out, merged=False) -> Path   a run's or trial's adapter (PEFT format) or the merged model
-    submit(spec, address=None, tune=False, follow=False, ...) -> Submission   a Ray job on a running cluster
-    runs(storage_uri=None, job=None, method=None, since=None) -> [RunRecord | SearchRecord]   newest first
-    show(run_uri, out=None) -> Report       a run's (or search's) record, packages, and its loss curves as PNG
-    compare([run_uri, ...], out=None) -> Comparison   several runs (or a search's trials): table rows and one plot
+The Python API; the `orchestrator` command is a thin layer over it. Each function is the real one (its
+signature and docstring are those of its module), imported on first use so that `import orchestrator`
+stays light:
+
+    load_spec(path, overrides) -> JobSpec         a YAML job spec, validated
+    plan(spec) -> Plan                            DeepSpeed config, resources, trainable parameters; `Plan.summary()`
+    run(spec, local=False, ...) -> RunResult      one fine-tuning run (local: Ray and an S3 store in-process)
+    tune(spec, local=False, resume=False) -> TuneResult   a Ray Tune search over the spec's tune.space
+    export(run_uri, out, merged=False) -> Path    a run's or trial's adapter (PEFT format), or the merged model
+    runs(storage_uri=None, job=..., ...) -> [RunRecord | SearchRecord]   what storage holds, newest first
+    show(run_uri, ...) -> Report                  one run's (or search's) record and loss curves (PNG)
+    compare([run_uri, ...], ...) -> Comparison    several runs (or a search's trials) side by side
+    submit(spec, address=None, tune=False, ...) -> Submission   a run or search on a running Ray cluster
+    list_jobs(address=None) · status(id) · logs(id, follow=False) · stop(id)   submitted jobs
+    serve_store(data_dir=None)                    the embedded S3 store in the foreground (a head's storage)
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import JobSpecError, OrchestratorError, PreflightError, StorageError
 from orchestrator.spec import JobSpec, load_spec
 
+if TYPE_CHECKING:
+    from orchestrator.results.export import export
+    from orchestrator.launch.jobs import list_jobs, logs, status, stop
+    from orchestrator.results.report import compare, runs, show
+    from orchestrator.launch.run import run
+    from orchestrator.launch.runtime import serve_store
+    from orchestrator.launch.submit import submit
+    from orchestrator.launch.tune import tune
+
 __version__ = "0.1.0"
 
+# name → module that defines it: resolved on first attribute access (PEP 562), then cached here.
+_LAZY = {
+    "run": "orchestrator.launch.run",
+    "tune": "orchestrator.launch.tune",
+    "export": "orchestrator.results.export",
+    "submit": "orchestrator.launch.submit",
+    "runs": "orchestrator.results.report",
+    "show": "orchestrator.results.report",
+    "compare": "orchestrator.results.report",
+    "list_jobs": "orchestrator.launch.jobs",
+    "status": "orchestrator.launch.jobs",
+    "logs": "orchestrator.launch.jobs",
+    "stop": "orchestrator.launch.jobs",
+    "serve_store": "orchestrator.launch.runtime",
+}
 
-def plan(spec: JobSpec):
-    """The resolved plan, with the model's config read to estimate trainable parameters."""
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+# The module orchestrator.plan would replace the function below as this package's attribute when it is first
+# imported (Python binds a loaded submodule to its parent): import it now, so that the function comes last.
+from orchestrator.plan import Plan  # noqa: E402  isort: skip
+
+
+def plan(spec: JobSpec) -> Plan:
+    """The job's plan: resolved DeepSpeed config, resources per worker and in total, and the exact
+    trainable-parameter count (the adapter attached to the model on the meta device). Reads the model's
+    config (a local directory, a built-in model, or the hub); starts nothing. Print it with `.summary()`."""
     from orchestrator.launch.preflight import load_model_config
     from orchestrator.plan import build_plan
 
@@ -27,47 +81,7 @@ def plan(spec: JobSpec):
     return build_plan(spec, model_config)
 
 
-def run(spec: JobSpec, **options):
-    from orchestrator.launch.run import run as _run
 
-    return _run(spec, **options)
-
-
-def tune(spec: JobSpec, **options):
-    from orchestrator.launch.tune import tune as _tune
-
-    return _tune(spec, **options)
-
-
-def export(run_uri: str, out, **options):
-    from orchestrator.launch.export import export as _export
-
-    return _export(run_uri, out, **options)
-
-
-def submit(spec: JobSpec, **options):
-    from orchestrator.launch.submit import submit as _submit
-
-    return _submit(spec, **options)
-
-
-def runs(storage_uri: str | None = None, **options):
-    from orchestrator.launch.report import runs as _runs
-
-    return _runs(storage_uri, **options)
-
-
-def show(run_uri: str, **options):
-    from orchestrator.launch.report import show as _show
-
-    return _show(run_uri, **options)
-
-
-def compare(run_uris, **options):
-    from orchestrator.launch.report import compare as _compare
-
-    return _compare(run_uris, **options)
-
-
-__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "PreflightError", "StorageError", "compare", "export",
-           "load_spec", "plan", "run", "runs", "show", "submit", "tune"]
+__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "Plan", "PreflightError", "StorageError", "compare", "export",
+           "list_jobs", "load_spec", "logs", "plan", "run", "runs", "serve_store", "show", "status", "stop", "submit",
+           "tune"]

@@ -1,10 +1,12 @@
-"""The command line: parses arguments and calls the Python API; user mistakes exit 2 with one line."""
+"""The command line: parses arguments, calls the Python API (`import orchestrator`) and prints.
+User mistakes exit 2 with one line."""
 
 from __future__ import annotations
 
 import argparse
 import atexit
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,7 +16,11 @@ from orchestrator.errors import OrchestratorError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Fine-tune parameter-efficient adapters (LoRA, LoRA-FA, VeRA, Delta-LoRA, LoRA+) with Ray Train "
+                    "and DeepSpeed; checkpoints, metrics and adapters go to object storage.",
+        epilog="Start with `orchestrator run --local jobs/local-smoke.yaml`; `orchestrator COMMAND --help` for one command.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -115,13 +121,21 @@ def console_entry() -> None:
 
     With torch, transformers and Ray loaded, that teardown takes about 1.4 s on 2 cores after the
     command's work is done: results are in storage, Ray is shut down and the store stopped. Exit
-    handlers still run first (logging's, Ray's, pyarrow's). An unexpected exception leaves normally.
+    handlers run last-registered first, so one registered now, before the command imports anything
+    heavy, runs after the handlers of Ray, pyarrow and the rest, and ends the process there. Logging's
+    handler (registered before it) is run by hand. An unexpected exception leaves normally.
     """
-    code = main()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_code = [1]  # what an unexpected exception's traceback exits with
+
+    def exit_without_teardown() -> None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code[0])
+
+    atexit.register(exit_without_teardown)
+    exit_code[0] = main()
+    sys.exit(exit_code[0])
 
 
 def _interrupt(signum, frame) -> None:
@@ -141,9 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         orchestrator.export(args.run_uri, args.out, merged=args.merged, endpoint_url=args.endpoint_url)
         return 0
     if args.command == "store":
-        from orchestrator.launch.runtime import serve_store
-
-        serve_store(args.dir)
+        orchestrator.serve_store(args.dir)
         return 0
     if args.command in ("list", "status", "logs", "stop"):
         return _cluster_dispatch(args)
@@ -161,7 +173,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.job}: valid ({spec.adapter.method}, ZeRO-{spec.deepspeed.zero_stage}, {spec.scaling.num_workers} workers)")
         return 0
     if args.command == "plan":
-        return _print_plan(orchestrator.plan(spec), as_json=args.json)
+        plan = orchestrator.plan(spec)
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.summary())
+        return 0
     if args.command == "tune":
         orchestrator.tune(spec, local=args.local, resume=args.resume)
         return 0
@@ -170,28 +184,27 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _cluster_dispatch(args: argparse.Namespace) -> int:
-    from orchestrator.launch import submit as jobs
-    from orchestrator.launch.cluster_client import connect
+    from orchestrator.launch.cluster_client import dashboard_url
 
-    cluster = connect(args.address)
     if args.command == "list":
-        rows = jobs.list_jobs(cluster, show_all=args.all)
-        print(_table(rows, ("id", "status", "kind", "job", "started", "took", "results")) if rows else f"no jobs on {cluster.url}")
+        rows = orchestrator.list_jobs(args.address, show_all=args.all)
+        print(_table(rows, ("id", "status", "kind", "job", "started", "took", "results")) if rows else f"no jobs on {dashboard_url(args.address)}")
     elif args.command == "status":
-        for key, value in jobs.describe(cluster, args.id).items():
+        for key, value in orchestrator.status(args.id, args.address).items():
             print(f"{key:>10}: {value}")
     elif args.command == "stop":
-        jobs.stop(cluster, args.id)
-    elif args.follow:
-        return jobs.EXIT_CODES.get(jobs.follow_logs(cluster, args.id), 1)
+        orchestrator.stop(args.id, args.address)
     else:
-        jobs.job_info(cluster, args.id)
-        print(cluster.client.get_job_logs(args.id), end="")
+        status = orchestrator.logs(args.id, args.address, follow=args.follow)
+        if args.follow:
+            from orchestrator.launch.jobs import EXIT_CODES
+
+            return EXIT_CODES.get(status, 1)
     return 0
 
 
 def _results_dispatch(args: argparse.Namespace) -> int:
-    from orchestrator.launch import report
+    from orchestrator.results import report
 
     def notice(line: str) -> None:  # stdout keeps only the tables
         print(line, file=sys.stderr)
@@ -232,29 +245,3 @@ def _table(rows: list[dict], columns: tuple[str, ...]) -> str:
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def _print_plan(plan, as_json: bool) -> int:
-    summary = {
-        "job": plan.spec.name,
-        "adapter": plan.spec.adapter.model_dump(mode="json"),
-        "workers": plan.spec.scaling.num_workers,
-        "resources_per_worker": plan.worker_resources,
-        "cluster_needs": plan.cluster_needs,
-        "global_batch": plan.global_batch,
-        "learning_rates": plan.learning_rates,  # per optimizer group, as the worker will build them
-        "adapted_layers": len(plan.adapted_layers),
-        "trainable_parameters": plan.trainable_parameters,
-        "base_parameters": plan.base_parameters,
-        "trainable_percent": round(plan.trainable_percent, 4),
-        "deepspeed": plan.deepspeed,
-    }
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    for key, value in summary.items():
-        if key != "deepspeed":
-            print(f"{key:>22}: {value}")
-    print("             deepspeed:")
-    print("  " + json.dumps(plan.deepspeed, indent=2).replace("\n", "\n  "))
-    return 0

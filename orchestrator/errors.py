@@ -18,6 +18,15 @@ def redact(text: str) -> str:
     return text
 
 
+def first_line(error: BaseException, with_type: bool = False) -> str:
+    """An error's message in one line for people, redacted (servers echo requests, and a URL may carry
+    credentials): its first line, else its type's name; `with_type`: prefixed with the type's name."""
+    lines = str(error).strip().splitlines()
+    if with_type:
+        return redact(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+    return redact(lines[0] if lines else type(error).__name__)
+
+
 class OrchestratorError(Exception):
     """A mistake in what the user asked for (spec, data, model, storage, credentials).
 

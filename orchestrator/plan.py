@@ -6,6 +6,7 @@ No Ray, no I/O: everything here is a function of its arguments and unit-tested a
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,31 @@ class Plan:
     def trainable_percent(self) -> float:
         total = self.base_parameters + self.trainable_parameters
         return 100.0 * self.trainable_parameters / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `orchestrator plan --json` prints: the adapter, resources, batch, learning rates per
+        optimizer group (as the workers will build them), parameter counts and the DeepSpeed config."""
+        return {
+            "job": self.spec.name,
+            "adapter": self.spec.adapter.model_dump(mode="json"),
+            "workers": self.spec.scaling.num_workers,
+            "resources_per_worker": self.worker_resources,
+            "cluster_needs": self.cluster_needs,
+            "global_batch": self.global_batch,
+            "learning_rates": self.learning_rates,
+            "adapted_layers": len(self.adapted_layers),
+            "trainable_parameters": self.trainable_parameters,
+            "base_parameters": self.base_parameters,
+            "trainable_percent": round(self.trainable_percent, 4),
+            "deepspeed": self.deepspeed,
+        }
+
+    def summary(self) -> str:
+        """`to_dict` for people: one `key: value` line each, then the DeepSpeed config as indented JSON."""
+        lines = [f"{key:>22}: {value}" for key, value in self.to_dict().items() if key != "deepspeed"]
+        lines.append(f"{'deepspeed':>22}:")
+        lines.append("  " + json.dumps(self.deepspeed, indent=2).replace("\n", "\n  "))
+        return "\n".join(lines)
 
 
 def build_plan(spec: JobSpec, model_config: Any | None = None) -> Plan:

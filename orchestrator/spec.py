@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from orchestrator.adapters import all_methods, get_method
+from orchestrator.adapters import DEFAULT_METHOD, all_methods, get_method
 from orchestrator.errors import JobSpecError
-from orchestrator.search_space import SEARCHABLE_SECTIONS, TuneSpec, applies, split_key
+from orchestrator.search import TuneSpec, check_search
 
 
 class _Section(BaseModel):
@@ -42,9 +42,6 @@ class DataSpec(_Section):
             self.prompt_field = self.prompt_field or "prompt"
             self.completion_field = self.completion_field or "completion"
         return self
-
-
-DEFAULT_METHOD = "lora"
 
 
 def _method_of(value: Any) -> str:
@@ -171,6 +168,8 @@ class TrackingSpec(_Section):
 
 
 class JobSpec(_Section):
+    """A fine-tuning job: the base model, the data, the adapter method, and how to train, scale and store it."""
+
     name: str = Field(description="Job name (letters, digits, '_', '.', '-'); runs are stored under runs/<name>/.")
     model: ModelSpec
     data: DataSpec
@@ -193,104 +192,60 @@ class JobSpec(_Section):
         return name
 
     @model_validator(mode="after")
-    def _method_fits_the_rest(self) -> "JobSpec":
-        # Cross-section rules; the message starts with the field to change, like every other error.
-        method = get_method(self.adapter.method)
-        if self.optim.lora_plus_ratio is not None and not method.trains_a_and_b:
-            raise ValueError(
-                f"optim.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, but adapter method "
-                f"{method.name!r} does not train both A and B; remove it or use lora / delta_lora"
-            )
+    def _sections_fit_together(self) -> "JobSpec":
+        # Cross-section rules; each message starts with the field to change, like every other error.
+        problems = get_method(self.adapter.method).validate(self.adapter, self)
         if self.scaling.accelerator_type is not None and not self.scaling.use_gpu:
-            raise ValueError("scaling.accelerator_type: needs scaling.use_gpu: true")
-        start_step = getattr(self.adapter, "start_step", None)
-        # The paper's W update runs after iterations t > K, and iterations end at max_steps - 1.
-        if start_step is not None and start_step + 1 >= self.train.max_steps:
-            raise ValueError(
-                f"adapter.start_step: {start_step} leaves no iteration after it below train.max_steps "
-                f"({self.train.max_steps}), so the Delta-LoRA update would never start; lower it (about a tenth "
-                f"of the run is typical)"
-            )
+            problems.append("scaling.accelerator_type: needs scaling.use_gpu: true")
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.tune is not None:
-            check_search(self)
+            check_search(self, _trial_problem)
         return self
 
 
-def trial_raw(base: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
-    """The raw spec of one trial: `base` (a JobSpec dump) with the sampled values that apply to it."""
-    raw = {section: (dict(value) if isinstance(value, dict) else value) for section, value in base.items() if section != "tune"}
-    method = get_method(sampled.get("adapter.method", raw["adapter"].get("method", DEFAULT_METHOD)))
-    fields = set(method.spec.model_fields)
-    if method.name != raw["adapter"].get("method", DEFAULT_METHOD):
-        # Another method: keep the options it shares with the base (r, target_modules, …).
-        raw["adapter"] = {k: v for k, v in raw["adapter"].items() if k in fields} | {"method": method.name}
-    for key, value in sampled.items():
-        path, _ = split_key(key)
-        if path != "adapter.method" and applies(key, method.name, fields):
-            section, field = path.split(".", 1)
-            raw.setdefault(section, {})[field] = value
-    if not method.trains_a_and_b:
-        raw.setdefault("optim", {})["lora_plus_ratio"] = None
-    return raw
+def _trial_problem(raw: dict[str, Any]) -> Optional[str]:
+    """Why a search trial's raw spec is invalid, in one line; None when it is valid."""
+    try:
+        JobSpec.model_validate(raw)
+    except ValidationError as error:
+        return describe_validation_error(error, raw)
+    return None
 
 
-def check_search(spec: JobSpec) -> None:
-    """Every dimension names a searchable field, applies to some searched method, and each of its
-    extreme values gives a valid trial spec. Raises ValueError naming `tune.space.<key>`."""
-    space = spec.tune.space
-    train = spec.train
-    if train.eval_every == 0 or (train.checkpoint_every and train.checkpoint_every % train.eval_every):
-        raise ValueError("train.eval_every: a search needs evaluations, and checkpoint_every must be a multiple of "
-                         "eval_every, so that every result Tune sees carries eval_loss")
-    base = spec.model_dump(mode="json", exclude={"tune"})
-    known = {m.name for m in all_methods()}
-    method_dim = next((d for k, d in space.items() if split_key(k)[0] == "adapter.method"), None)
-    searched = method_dim.extremes() if method_dim is not None else [spec.adapter.method]
-    unknown = [m for m in searched if m not in known]
-    if unknown:
-        raise ValueError(f"tune.space.adapter.method: unknown adapter method {unknown[0]!r}; known methods: {', '.join(sorted(known))}")
-    for key, dimension in space.items():
-        path, methods = split_key(key)
-        section, _, field = path.partition(".")
-        where = f"tune.space.{key}"
-        if section not in SEARCHABLE_SECTIONS or not field or "." in field:
-            raise ValueError(f"{where}: only fields of {', '.join(SEARCHABLE_SECTIONS)} can be searched (e.g. adapter.r, optim.lr)")
-        if methods is not None:
-            strangers = [m for m in methods if m not in searched]
-            if strangers:
-                raise ValueError(f"{where}: method {strangers[0]!r} is not searched (searched: {', '.join(searched)})")
-        candidates = methods or searched
-        if section == "adapter":
-            lacking = [m for m in candidates if field != "method" and field not in get_method(m).spec.model_fields]
-            if len(lacking) == len(candidates) or (methods and lacking):
-                options = sorted(get_method(lacking[0]).spec.model_fields)
-                guess = difflib.get_close_matches(field, options, n=1)
-                hint = f"; did you mean {guess[0]!r}?" if guess else f"; its fields: {', '.join(options)}"
-                raise ValueError(f"{where}: adapter method {lacking[0]!r} has no field {field!r}{hint}")
-        else:
-            options = list(JobSpec.model_fields[section].annotation.model_fields)
-            if field not in options:
-                guess = difflib.get_close_matches(field, options, n=1)
-                raise ValueError(f"{where}: unknown field{f'; did you mean {guess[0]!r}?' if guess else ''}")
-        for value in dimension.extremes():
-            for method in (candidates if section == "adapter" or methods else searched[:1]):
-                sampled = {"adapter.method": method, key: value} if path != "adapter.method" else {key: value}
-                raw = trial_raw(base, sampled)
-                try:
-                    JobSpec.model_validate(raw)
-                except ValidationError as error:
-                    raise ValueError(f"{where}: value {value!r} gives an invalid trial: {describe_validation_error(error, raw)}") from None
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a page of YAML; a megabyte is not one
+
+
+class _AliasRefused(Exception):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: nine levels of nine aliases expand to 9⁹ nodes from a few lines (a YAML
+    "billion laughs"), and a job spec never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed in a "
+                                f"job spec; write the value out")
+        return super().compose_node(parent, index)
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a YAML job spec, apply `a.b=c` overrides, and validate it."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise JobSpecError(f"{path}: {size:,} bytes is too large for a job spec (at most {MAX_SPEC_BYTES:,})")
         text = path.read_text()
     except OSError as error:
         raise JobSpecError(f"{path}: cannot read job spec ({error.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_NoAliasLoader)
+    except _AliasRefused as refused:
+        raise JobSpecError(f"{path}: {refused}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

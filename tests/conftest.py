@@ -1,4 +1,7 @@
-"""Shared, session-scoped services: one SeaweedFS S3 server (auth on) and one Ray runtime."""
+"""Shared, session-scoped services: one SeaweedFS S3 server (auth on) and one Ray runtime.
+
+A test that uses either is slow: starting them takes ~12 s on 2 cores, and `pytest -m "not slow"` is the
+quick unit tier. pytest_collection_modifyitems marks such tests, so that none can forget the mark."""
 
 from __future__ import annotations
 
@@ -9,14 +12,21 @@ import pytest
 
 from orchestrator.launch.runtime import start_local_ray
 from orchestrator.storage.objectstore import EmbeddedObjectStore, exported_env
+from tests.helpers import TEST_BUCKET
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_BUCKET = "orchestrator-test"
+SERVICES = ("object_store", "ray_session")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(service in item.fixturenames for service in SERVICES):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def object_store(tmp_path_factory):
-    """A real S3 server; its credentials are exported the standard AWS way, as a user would."""
+    """A real S3 server; its credentials are exported the standard AWS way, as a user would. (Slow.)"""
     store = EmbeddedObjectStore(tmp_path_factory.mktemp("seaweedfs"), buckets=(TEST_BUCKET,))
     with store, exported_env(store.env()):
         yield store
@@ -37,7 +47,7 @@ def torch_extensions_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session(object_store, faults_file, torch_extensions_dir):
     """One Ray runtime for every integration test, started after the S3 credentials are exported
-    so that its worker processes inherit them."""
+    so that its worker processes inherit them. (Slow.)"""
     import ray
 
     os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir)

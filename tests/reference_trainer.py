@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 from peft import get_peft_model_state_dict
-from references import ExplicitDeltaLora, copy_initial_adapter, reference_model, reference_optimizer, train_reference
 
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
 from orchestrator.train.loop import prepare_data
 from orchestrator.train.model import build_adapted_model, load_tokenizer
+from tests.references import ExplicitDeltaLora, copy_initial_adapter, reference_model, reference_optimizer, train_reference
 
 
 def replay(spec: JobSpec, model_path: str, data_path: str) -> torch.nn.Module:

@@ -7,18 +7,16 @@ import copy
 
 import pytest
 import torch
-
 from peft import get_peft_model_state_dict
-from references import ExplicitDeltaLora, copy_initial_adapter, reference_model
 
 from orchestrator.adapters import all_methods, get_method
 from orchestrator.adapters.lora import lora_layers
 from orchestrator.adapters._seeded_dropout import SeededDropout
 from orchestrator.adapters.lora_fa import projection
 from orchestrator.plan import build_plan
-from orchestrator.spec import validate_spec
+from tests.helpers import MINIMAL_SPEC, make_spec
+from tests.references import ExplicitDeltaLora, copy_initial_adapter, reference_model
 
-BASE = {"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}
 METHOD_OPTIONS = {
     "lora": {"r": 4},
     "lora_fa": {"r": 4},
@@ -58,8 +56,8 @@ def test_closed_form_count_matches_the_attached_model(tiny_llama_path, method, t
 
     from orchestrator.train.model import build_adapted_model
 
-    spec = validate_spec({**BASE, "adapter": {"method": method, **METHOD_OPTIONS[method], "target_modules": targets},
-                          "train": {"max_steps": 10}})
+    spec = make_spec(base=MINIMAL_SPEC, adapter={"method": method, **METHOD_OPTIONS[method], "target_modules": targets},
+                     train={"max_steps": 10})
     plan = build_plan(spec, AutoConfig.from_pretrained(tiny_llama_path))
     _, counts = build_adapted_model(spec, tiny_llama_path, torch.float32)
     assert plan.trainable_parameters == counts.trainable
@@ -225,8 +223,8 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_gradients(t
     options = {**METHOD_OPTIONS[method], **({"dropout": 0.1} if method in ("lora", "lora_fa") else {})}
     grads, layer_calls = {}, {}
     for recompute in (False, True):
-        spec = validate_spec({**BASE, "adapter": {"method": method, **options, "target_modules": "all-linear"},
-                              "train": {"max_steps": 10, "gradient_checkpointing": recompute}})
+        spec = make_spec(base=MINIMAL_SPEC, adapter={"method": method, **options, "target_modules": "all-linear"},
+                         train={"max_steps": 10, "gradient_checkpointing": recompute})
         torch.manual_seed(0)
         model, _ = build_adapted_model(spec, tiny_llama_path, torch.float64)
         model.train()
@@ -292,7 +290,7 @@ def test_lora_fa_projected_step_equals_peft_lorafa_optimizer():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    job = validate_spec({**BASE, "adapter": {"method": "lora_fa", "r": 4, "alpha": 8}, "optim": {"lr": 1e-2}})
+    job = make_spec(base=MINIMAL_SPEC, adapter={"method": "lora_fa", "r": 4, "alpha": 8}, optim={"lr": 1e-2})
     original_bf16_check = lorafa.is_bf16_available
     lorafa.is_bf16_available = lambda: False
     try:
@@ -323,7 +321,7 @@ def test_linear_only_methods_refuse_an_embedding_in_one_line_from_plan(method):
     from orchestrator.builtin.models import resolve_model_path
     from orchestrator.errors import PreflightError
 
-    spec = validate_spec({**BASE, "adapter": {"method": method, **METHOD_OPTIONS[method],
-                                              "target_modules": ["q_proj", "embed_tokens"]}})
+    spec = make_spec(base=MINIMAL_SPEC, adapter={"method": method, **METHOD_OPTIONS[method],
+                                                 "target_modules": ["q_proj", "embed_tokens"]})
     with pytest.raises(PreflightError, match=rf"{method} adapts linear layers only, and model.embed_tokens is not one"):
         build_plan(spec, AutoConfig.from_pretrained(resolve_model_path("builtin:tiny-llama")))

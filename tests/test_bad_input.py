@@ -1,8 +1,9 @@
-"""Bad input, table-driven: each case is one line in CASES.
+"""Bad input that takes the command line, preflight (model, data, adapter fit), the object store or the
+cluster to catch, table-driven: each case is one line. (A spec's own mistakes are one line each in
+tests/test_spec.py, refused DeepSpeed configs in tests/test_plan.py, search spaces in tests/test_tune.py.)
 
-Every case runs the real CLI entry point (in-process, against the session's real Ray runtime and
-SeaweedFS with auth) and must give exit code 2, exactly one `error:` line naming the cause and
-where, no traceback, and nothing written under the case's own storage prefix.
+Every case runs the real CLI entry point in-process and must give exit code 2, exactly one `error:` line
+naming the cause and where, no traceback, and nothing written under the case's own storage prefix.
 """
 
 from __future__ import annotations
@@ -18,63 +19,46 @@ from orchestrator.launch.preflight import preflight
 from orchestrator.launch.runtime import require_resources, with_local_cpu_share
 from orchestrator.spec import load_spec
 from orchestrator.storage.fs import open_storage
-from ray_head import free_ports
+from tests.helpers import make_spec
+from tests.ray_head import free_ports
 
 
 @dataclass
 class Case:
     id: str
     expect: str                                     # a substring of the one error line
-    spec: dict = field(default_factory=dict)        # dotted path → value (None deletes the field)
-    raw: str | None = None                          # the job file's whole text instead of a spec
+    spec: dict = field(default_factory=dict)        # make_spec overrides: section → fields (merged), or key → value
     command: tuple = ("run",)                       # the CLI command and its extra arguments
     env: dict = field(default_factory=dict)
 
 
+# Caught before any storage is opened or Ray started: the job's storage is a local folder, which stays empty.
 CASES = [
-    Case("malformed-yaml", "job.yaml: malformed YAML at line 3, column 1", raw="name: x\nmodel: {path: [\n"),
-    Case("not-a-mapping", "a job spec must be a YAML mapping", raw="- just\n- a list\n"),
-    Case("unknown-field", "train.batch_sise: unknown field; did you mean 'batch_size'?", {"train.batch_sise": 4}),
-    Case("wrong-type", "train.max_steps: Input should be a valid integer", {"train.max_steps": "ten"}),
-    Case("rank-zero", "adapter.r: Input should be greater than or equal to 1", {"adapter.r": 0}),
-    Case("rank-larger-than-layer", "adapter.r", {"adapter.r": 4096}),
-    Case("alpha-not-positive", "adapter.alpha: Input should be greater than 0", {"adapter.alpha": 0}),
-    Case("dropout-one", "adapter.dropout: Input should be less than 1", {"adapter.dropout": 1.0}),
-    Case("dropout-negative", "adapter.dropout: Input should be greater than or equal to 0", {"adapter.dropout": -0.1}),
-    Case("targets-match-nothing", "adapter.target_modules", {"adapter.target_modules": ["no_such_proj"]}),
-    Case("unknown-method", "adapter.method: unknown adapter method 'dora'", {"adapter.method": "dora"}),
-    Case("deepspeed-optimizer-block", "deepspeed.config", {"deepspeed.config": {"optimizer": {"type": "Adam"}}}),
-    Case("zero-stage-contradiction", "zero_optimization.stage", {"deepspeed.config": {"zero_optimization": {"stage": 3}}}),
-    Case("lora-plus-on-lora-fa", "optim.lora_plus_ratio: LoRA+", {"adapter.method": "lora_fa", "optim.lora_plus_ratio": 16}),
-    Case("lora-plus-on-vera", "optim.lora_plus_ratio: LoRA+", {"adapter": {"method": "vera", "r": 16}, "optim.lora_plus_ratio": 4}),
-    Case("delta-start-after-end", "adapter.start_step", {"adapter": {"method": "delta_lora", "r": 4, "start_step": 50}}),
-    Case("model-missing", "model.path: /nonexistent/model does not exist", {"model.path": "/nonexistent/model"}),
-    Case("model-not-a-model", "model.path", {"model.path": "{junk_model}"}),
-    Case("data-missing", "data.path", {"data.path": "/nonexistent/data.jsonl"}),
-    Case("data-empty", "empty.jsonl is empty", {"data.path": "{empty_data}"}),
-    Case("data-without-fields", "prompt", {"data.path": "{fieldless_data}"}),
-    Case("max-length-zero", "data.max_length: Input should be greater than or equal to 1", {"data.max_length": 0}),
-    Case("batch-size-zero", "train.batch_size: Input should be greater than or equal to 1", {"train.batch_size": 0}),
-    Case("workers-zero", "scaling.num_workers: Input should be greater than or equal to 1", {"scaling.num_workers": 0}),
-    Case("more-gpus-than-cluster", "scaling: the job needs GPU 2 (it has 0)", {"scaling.use_gpu": True}),
-    Case("storage-unknown-scheme", "storage.uri: must start with s3:// or file://", {"storage.uri": "gs://bucket/x"}),
-    Case("storage-invalid-bucket", "is not a valid S3 bucket name", {"storage.uri": "s3://Bad_Bucket/x"}),
-    Case("storage-uri-with-credentials", "must not hold credentials", {"storage.uri": "s3://AKIA:s3cr3t@bucket/x"}),
-    Case("storage-bucket-missing", "bucket or path does not exist", {"storage.uri": "s3://no-such-bucket-here/x"}),
-    Case("storage-unreachable", "cannot reach the object store", {"storage.endpoint_url": "http://127.0.0.1:{free_port}"}),
-    Case("wrong-credentials", "access denied", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"}),
-    Case("name-with-separator", "name: use 1–100 letters, digits", {"name": "team/job"}),
-    Case("name-with-dotdot", "name: must not contain '..'", {"name": "a..b"}),
-    Case("search-unknown-field", "tune.space.optim.weight_decy: unknown field; did you mean 'weight_decay'?",
-         {"tune": {"space": {"optim.weight_decy": {"choice": [0.01]}}}}, command=("tune",)),
-    Case("search-empty-choices", "tune.space.adapter.r", {"tune": {"space": {"adapter.r": {"choice": []}}}}, command=("tune",)),
+    Case("rank-larger-than-layer", "adapter.r: 512 is larger than the smallest adapted layer dimension", {"adapter": {"r": 512}}),
+    Case("targets-match-nothing", "adapter.target_modules: ['query', 'value'] match no linear layer, embedding or Conv1D of the "
+         "model (its adaptable layers: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)",
+         {"adapter": {"target_modules": ["query", "value"]}}),
+    Case("model-missing", "model.path: /nonexistent/model does not exist", {"model": {"path": "/nonexistent/model"}}),
+    Case("model-not-a-model", "model.path", {"model": {"path": "{junk_model}"}}),
+    Case("data-missing", "data.path", {"data": {"path": "/nonexistent/data.jsonl"}}),
+    Case("data-empty", "empty.jsonl is empty", {"data": {"path": "{empty_data}"}}),
+    Case("data-without-fields", "prompt", {"data": {"path": "{fieldless_data}"}}),
     Case("search-without-tune-section", "tune: this job has no tune section", command=("tune",)),
     Case("cluster-unreachable", "connection refused", command=("submit", "--address", "http://127.0.0.1:{free_port}")),
     Case("cluster-client-address", "Ray Client address", command=("submit", "--address", "ray://127.0.0.1:10001")),
-    Case("resume-missing-run", "no-such-run", command=("run", "--run-id", "no-such-run", "--resume")),
-    Case("resume-without-runs", "--resume", command=("run", "--resume")),
     Case("override-malformed", "must look like section.field=value", command=("run", "--set", "train.max_steps")),
     Case("override-into-a-value", "is not a section", command=("run", "--set", "name.x=1")),
+]
+
+# Caught by the storage check, the cluster fit or the run's history: against the session's Ray runtime and
+# SeaweedFS (with auth), so slow.
+SERVICE_CASES = [
+    Case("more-gpus-than-cluster", "scaling: the job needs GPU 2 (it has 0)", {"scaling": {"use_gpu": True}}),
+    Case("storage-bucket-missing", "bucket or path does not exist", {"storage": {"uri": "s3://no-such-bucket-here/x"}}),
+    Case("storage-unreachable", "cannot reach the object store", {"storage": {"endpoint_url": "http://127.0.0.1:{free_port}"}}),
+    Case("wrong-credentials", "access denied", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"}),
+    Case("resume-missing-run", "no-such-run", command=("run", "--run-id", "no-such-run", "--resume")),
+    Case("resume-without-runs", "--resume", command=("run", "--resume")),
 ]
 
 
@@ -89,6 +73,12 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
             "fieldless_data": str(root / "fieldless.jsonl"), "free_port": str(free_ports(1)[0])}
 
 
+@pytest.fixture
+def local_job(tmp_path) -> dict:
+    """The job CASES break, stored in a local folder (shared, so that `submit` takes it as a cluster's storage)."""
+    return make_spec(f"file://{tmp_path}/store", raw=True, storage={"shared_filesystem": True})
+
+
 def _fill(value, files: dict[str, str]):
     if isinstance(value, str):
         return value.format(**files) if "{" in value else value
@@ -97,30 +87,36 @@ def _fill(value, files: dict[str, str]):
     return value
 
 
-def _job_text(case: Case, storage_uri: str, files: dict[str, str]) -> str:
-    if case.raw is not None:
-        return case.raw
-    spec = {
-        "name": "bad-input", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic", "max_length": 32},
-        "adapter": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"max_steps": 10, "batch_size": 4, "eval_every": 5, "checkpoint_every": 5},
-        "scaling": {"num_workers": 2}, "storage": {"uri": storage_uri},
-    }
-    for dotted, value in case.spec.items():
-        value = _fill(value, files)
-        if "." in dotted:
-            section, name = dotted.split(".", 1)
-            spec.setdefault(section, {})[name] = value
-        else:
-            spec[dotted] = value
-    return yaml.safe_dump(spec)
+def _run_case(case: Case, job: dict, files: dict[str, str], tmp_path, monkeypatch, capsys) -> None:
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(make_spec(base=job, raw=True, **_fill(case.spec, files))))
+    command, *extra = case.command
+    code = cli.main([command, str(job_file), *(_fill(arg, files) for arg in extra)])
+    out, err = capsys.readouterr()
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, f"exit {code}; stderr: {err[-2000:]}"
+    assert len(error_lines) == 1 and "Traceback" not in out + err, err
+    assert case.expect in error_lines[0], error_lines[0]
+    monkeypatch.undo()
+    storage = open_storage(job["storage"]["uri"])
+    assert storage.list_files(storage.root) == [], f"{case.id} wrote to storage"
 
 
-def test_the_job_each_case_breaks_passes_every_check_before_training(ray_session, s3_storage_uri, bad_files, tmp_path):
-    """The control: without its one change a case's job passes validation, preflight (model, adapter fit,
-    data), the storage check and the cluster fit, so each error below comes from the case's own change."""
+def test_the_job_each_case_breaks_passes_validation_and_preflight(local_job, tmp_path):
+    """The control: without its one change a case's job passes validation and preflight (model, adapter
+    fit, data), so each error below comes from the case's own change."""
     job = tmp_path / "job.yaml"
-    job.write_text(_job_text(Case("control", expect=""), s3_storage_uri, bad_files))
+    job.write_text(yaml.safe_dump(local_job))
+    resolved = preflight(load_spec(job))
+    assert resolved.model_config.model_type == "llama" and resolved.data_path.endswith(".jsonl")
+
+
+def test_the_job_each_service_case_breaks_passes_every_check_before_training(ray_session, s3_storage_uri, tmp_path):
+    """The control of SERVICE_CASES: the storage check and the cluster fit pass too."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(make_spec(s3_storage_uri, raw=True)))
     spec = load_spec(job)
     resolved = preflight(spec)
     assert resolved.model_config.model_type == "llama" and resolved.data_path.endswith(".jsonl")
@@ -131,19 +127,11 @@ def test_the_job_each_case_breaks_passes_every_check_before_training(ray_session
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, ray_session, s3_storage_uri, bad_files, tmp_path,
-                                                         monkeypatch, capsys):
-    for name, value in case.env.items():
-        monkeypatch.setenv(name, value)
-    job = tmp_path / "job.yaml"
-    job.write_text(_job_text(case, s3_storage_uri, bad_files))
-    command, *extra = case.command
-    code = cli.main([command, str(job), *(_fill(arg, bad_files) for arg in extra)])
-    out, err = capsys.readouterr()
-    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2, f"exit {code}; stderr: {err[-2000:]}"
-    assert len(error_lines) == 1 and "Traceback" not in out + err, err
-    assert case.expect in error_lines[0], error_lines[0]
-    monkeypatch.undo()
-    storage = open_storage(s3_storage_uri)
-    assert storage.list_files(storage.root) == [], f"{case.id} wrote to storage"
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, local_job, bad_files, tmp_path, monkeypatch, capsys):
+    _run_case(case, local_job, bad_files, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", SERVICE_CASES, ids=lambda case: case.id)
+def test_bad_storage_or_cluster_fit_is_one_line_exit_2_and_writes_nothing(case, ray_session, s3_storage_uri, bad_files, tmp_path,
+                                                                          monkeypatch, capsys):
+    _run_case(case, make_spec(s3_storage_uri, raw=True), bad_files, tmp_path, monkeypatch, capsys)

@@ -5,15 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-import orchestrator
-from orchestrator.storage.fs import open_storage
-from tests.test_local_run import job
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 
 @pytest.mark.slow
@@ -32,25 +27,6 @@ def test_cli_local_demo_runs_with_embedded_store(tmp_path):
     assert "final adapter: s3://orchestrator/runs/local-smoke/" in out
     stored = list((tmp_path / "store").rglob("*"))
     assert stored, "the embedded store keeps its data where the user can find it"
-
-
-def test_target_modules_that_match_nothing_fail_before_anything_is_written(object_store, s3_storage_uri):
-    spec = job(s3_storage_uri, adapter={"target_modules": ["query", "value"]})
-    with pytest.raises(orchestrator.PreflightError, match=r"adapter.target_modules: \['query', 'value'\] match no linear layer .*q_proj"):
-        orchestrator.run(spec, echo=print)
-    assert open_storage(s3_storage_uri).list_files(open_storage(s3_storage_uri).root) == []
-
-
-def test_rank_larger_than_a_layer_is_refused(object_store, s3_storage_uri):
-    with pytest.raises(orchestrator.PreflightError, match="adapter.r: 512 is larger than the smallest adapted layer dimension"):
-        orchestrator.run(job(s3_storage_uri, adapter={"r": 512}), echo=print)
-
-
-def test_missing_model_path_is_one_line(object_store, s3_storage_uri, tmp_path):
-    spec = job(s3_storage_uri)
-    spec.model.path = str(tmp_path / "no-model")
-    with pytest.raises(orchestrator.PreflightError, match="model.path: .*no-model does not exist"):
-        orchestrator.run(spec, echo=print)
 
 
 def _run_uri_from(output: str) -> str:

@@ -14,8 +14,8 @@ import yaml
 
 from orchestrator.launch.cluster_client import connect
 from orchestrator.storage.fs import open_storage
-from ray_head import free_ports, start_head, stop_head
-from conftest import TEST_BUCKET
+from tests.helpers import TEST_BUCKET, make_spec
+from tests.ray_head import free_ports, start_head, stop_head
 
 pytestmark = pytest.mark.slow
 
@@ -39,22 +39,14 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=dict(os.environ))
 
 
+# Shorter than the training job: 6 steps of batch 4, adapters on q and v only.
+CLUSTER_JOB = make_spec(raw=True, name="cluster-job", adapter={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                        train={"max_steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 3, "log_every": 1})
+
+
 def write_job(tmp_path: Path, storage_uri: str, **sections) -> Path:
-    spec = {
-        "name": "cluster-job",
-        "model": {"path": "builtin:tiny-llama"},
-        "data": {"path": "builtin:arithmetic", "max_length": 32},
-        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"max_steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 3, "log_every": 1},
-        "deepspeed": {"zero_stage": 2},
-        "scaling": {"num_workers": 2},
-        "storage": {"uri": storage_uri},
-    }
-    for section, values in sections.items():
-        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(make_spec(storage_uri, base=CLUSTER_JOB, raw=True, **sections)))
     return path
 
 

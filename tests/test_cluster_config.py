@@ -14,13 +14,13 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from conftest import REPO
 from orchestrator import cli
 from orchestrator.errors import JobSpecError
 from orchestrator.launch.cluster_client import ClusterError, auth_headers, dashboard_url, shortfall
 from orchestrator.launch.submit import CREDENTIALS_FILE, build_runtime_env, check_cluster_storage, entrypoint, load_runtime_env
 from orchestrator.plan import cluster_needs, worker_resources
 from orchestrator.spec import load_spec, validate_spec
+from tests.helpers import MINIMAL_SPEC, REPO, make_spec
 
 CLUSTER = REPO / "cluster"
 
@@ -190,25 +190,20 @@ def test_dockerfile_installs_this_checkout_on_the_launchers_ray_image():
     assert any(arguments[:2] == ["pip", "install"] and arguments[-1] == target for instruction, arguments in steps if instruction == "RUN")
 
 
-def _spec(**sections):
-    raw = {"name": "j", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}} | sections
-    return validate_spec(raw)
-
-
 def test_local_only_storage_is_refused_for_cluster_jobs_unless_shared():
     with pytest.raises(JobSpecError, match="storage.uri: a cluster job needs storage every node can reach"):
-        check_cluster_storage(_spec())
+        check_cluster_storage(make_spec(base=MINIMAL_SPEC))
     with pytest.raises(JobSpecError, match="storage.shared_filesystem: true"):
-        check_cluster_storage(_spec(storage={"uri": "file:///data/runs"}))
-    check_cluster_storage(_spec(storage={"uri": "file:///mnt/nfs/runs", "shared_filesystem": True}))
-    check_cluster_storage(_spec(storage={"uri": "s3://bucket/prefix"}))
+        check_cluster_storage(make_spec(base=MINIMAL_SPEC, storage={"uri": "file:///data/runs"}))
+    check_cluster_storage(make_spec(base=MINIMAL_SPEC, storage={"uri": "file:///mnt/nfs/runs", "shared_filesystem": True}))
+    check_cluster_storage(make_spec(base=MINIMAL_SPEC, storage={"uri": "s3://bucket/prefix"}))
 
 
 def test_runtime_env_carries_spec_package_and_credentials_and_user_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://store:8333")
-    spec = _spec(storage={"uri": "s3://bucket/p"})
+    spec = make_spec(base=MINIMAL_SPEC, storage={"uri": "s3://bucket/p"})
     env = build_runtime_env(tmp_path, spec, None, cluster_credentials=False)
     assert env["working_dir"] == str(tmp_path) and validate_spec(yaml.safe_load((tmp_path / "job.yaml").read_text())) == spec
     assert Path(env["py_modules"][0]).name == "orchestrator" and (Path(env["py_modules"][0]) / "cli.py").exists()
@@ -277,8 +272,8 @@ def test_dashboard_url_errors(monkeypatch):
 
 
 def test_scaling_fields_map_to_worker_resources_and_the_fit_check():
-    spec = _spec(scaling={"num_workers": 4, "use_gpu": True, "gpus_per_worker": 2, "cpus_per_worker": 8,
-                          "accelerator_type": "H100", "placement_strategy": "SPREAD"})
+    spec = make_spec(base=MINIMAL_SPEC, scaling={"num_workers": 4, "use_gpu": True, "gpus_per_worker": 2, "cpus_per_worker": 8,
+                                                 "accelerator_type": "H100", "placement_strategy": "SPREAD"})
     per_worker = worker_resources(spec)
     assert per_worker == {"CPU": 8, "GPU": 2, "accelerator_type:H100": 0.001}
     assert cluster_needs(spec)["GPU"] == 8
@@ -288,12 +283,12 @@ def test_scaling_fields_map_to_worker_resources_and_the_fit_check():
     split = [{"CPU": 96, "GPU": 3, "accelerator_type:H100": 1}] * 3  # 9 GPUs in all, but only 1 worker fits per node
     assert "only 3 of 4 workers" in shortfall(cluster_needs(spec), per_worker, 4, {"CPU": 288, "GPU": 9, "accelerator_type:H100": 3}, split)
     with pytest.raises(JobSpecError, match="scaling.accelerator_type: needs scaling.use_gpu: true"):
-        _spec(scaling={"accelerator_type": "A100"})
+        make_spec(base=MINIMAL_SPEC, scaling={"accelerator_type": "A100"})
 
 
 def test_submit_refuses_local_storage_before_contacting_any_cluster(tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "j", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}))
+    job.write_text(yaml.safe_dump(MINIMAL_SPEC))
     result = subprocess.run([sys.executable, "-m", "orchestrator", "submit", str(job), "--address", "http://10.255.255.1:8265"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "storage.uri" in result.stderr

@@ -130,6 +130,7 @@ def _tokenize_in_a_fresh_process(path: str, max_length: int, cache_dir) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # four fresh Python processes that each load the tokenizer: ~11 s
 def test_tokenized_data_is_cached_across_processes_and_keyed_by_what_changes_it(tmp_path):
     """A restart, another trial or another worker reads the tokenized data back instead of tokenizing again;
     a different max_length or a rewritten data file must never read a stale cache."""

@@ -10,7 +10,6 @@ import socket
 
 import pytest
 import torch
-from references import ExplicitDeltaLora, copy_initial_adapter, reference_model, reference_optimizer, train_reference
 
 from orchestrator.adapters import get_method
 from orchestrator.adapters.registry import peft_export
@@ -19,6 +18,7 @@ from orchestrator.train.checkpoint import save_adapter
 from orchestrator.train.engine import build_engine
 from orchestrator.train.model import build_adapted_model
 from orchestrator.train.optim import check_rates, expected_rates, make_optimizer
+from tests.references import ExplicitDeltaLora, copy_initial_adapter, reference_model, reference_optimizer, train_reference
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import REPO
 from orchestrator.spec import JobSpec
 from orchestrator.spec_reference import markdown
+from tests.helpers import REPO
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 

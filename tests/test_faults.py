@@ -30,21 +30,17 @@ from orchestrator.storage.layout import RunLayout
 from orchestrator.storage.manifest import is_complete
 from orchestrator.storage.objectstore import EmbeddedObjectStore
 from orchestrator.train.faults import schedule_fault
+from tests.helpers import TEST_BUCKET, make_spec
 
 pytestmark = pytest.mark.slow
 JOB = "faults"
 
 
 def spec_raw(storage_uri: str, endpoint_url: str | None = None, max_steps: int = 12) -> dict:
-    return {
-        "name": JOB, "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic", "max_length": 32},
-        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
-        "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 2},
-        "train": {"max_steps": max_steps, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4, "log_every": 1,
-                  "eval_batches": 1, "max_failures": 2},
-        "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2},
-        "storage": {"uri": storage_uri, "endpoint_url": endpoint_url},
-    }
+    return make_spec(storage_uri, raw=True, name=JOB, adapter={"dropout": 0.1}, optim={"scheduler": "cosine", "warmup_steps": 2},
+                     train={"max_steps": max_steps, "eval_every": 4, "checkpoint_every": 4, "log_every": 1, "eval_batches": 1,
+                            "max_failures": 2},
+                     storage={"endpoint_url": endpoint_url})
 
 
 def adapter_of(storage_uri: str, run_id: str, endpoint_url: str | None = None) -> dict[str, torch.Tensor]:
@@ -67,8 +63,6 @@ def logged_steps(storage_uri: str, run_id: str, endpoint_url: str | None = None)
 @pytest.fixture(scope="module")
 def reference(ray_session, tmp_path_factory):
     """The uninterrupted run every faulted run must reproduce."""
-    from conftest import TEST_BUCKET
-
     uri = f"s3://{TEST_BUCKET}/faults-reference"
     orchestrator.run(validate_spec(spec_raw(uri)), local=False, run_id="reference", echo=print)
     return adapter_of(uri, "reference")
@@ -151,8 +145,6 @@ def test_killed_driver_is_resumed_by_running_the_same_run_again(reference, fault
 
 
 def test_store_outage_during_a_checkpoint_upload_is_ridden_out(reference, object_store, faults_file, tmp_path):
-    from conftest import TEST_BUCKET
-
     # A store of its own (same credentials as the session's, which the Ray workers inherited) to stop and start.
     store = EmbeddedObjectStore(tmp_path / "outage-store", buckets=(TEST_BUCKET,))
     store.access_key, store.secret_key = object_store.access_key, object_store.secret_key

@@ -17,13 +17,13 @@ import math
 
 import pytest
 import torch
-from reference_trainer import replay
 from safetensors.torch import load_file
-from test_local_run import assert_run_manifest_matches_files, download_run, job
 
 import orchestrator
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.train.faults import schedule_fault
+from tests.helpers import assert_run_manifest_matches_files, download_run, make_spec as job
+from tests.reference_trainer import replay
 
 pytestmark = pytest.mark.slow
 

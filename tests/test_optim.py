@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.spec import validate_spec
 from orchestrator.train.optim import make_optimizer
+from tests.helpers import MINIMAL_SPEC, make_spec
 
-BASE = {"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}
 LR, RATIO = 1e-4, 16
 
 
@@ -45,8 +44,8 @@ def test_lora_plus_rates_equal_peft_including_embeddings(tiny_llama_path, embedd
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(frozen_tiny_llama(tiny_llama_path), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"]))
-    spec = validate_spec({**BASE, "adapter": {"r": 4, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
-                          "optim": {"lr": LR, "lora_plus_ratio": RATIO, "lora_plus_lr_embedding": embedding_lr}})
+    spec = make_spec(base=MINIMAL_SPEC, adapter={"r": 4, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+                     optim={"lr": LR, "lora_plus_ratio": RATIO, "lora_plus_lr_embedding": embedding_lr})
     rates = assert_same_rates_as_peft(model, spec, embedding_lr)
     by_kind = {kind: {rate for name, rate in rates.items() if f".{kind}." in name}
                for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")}
@@ -59,8 +58,8 @@ def test_lora_plus_rates_equal_peft_including_embeddings(tiny_llama_path, embedd
 def test_delta_lora_with_lora_plus_rates_equal_peft(tiny_llama_path):
     from orchestrator.adapters import get_method
 
-    spec = validate_spec({**BASE, "adapter": {"method": "delta_lora", "r": 4, "start_step": 2, "target_modules": ["q_proj", "v_proj"]},
-                          "train": {"max_steps": 10}, "optim": {"lr": LR, "lora_plus_ratio": RATIO}})
+    spec = make_spec(base=MINIMAL_SPEC, adapter={"method": "delta_lora", "r": 4, "start_step": 2, "target_modules": ["q_proj", "v_proj"]},
+                     train={"max_steps": 10}, optim={"lr": LR, "lora_plus_ratio": RATIO})
     model = get_method("delta_lora").attach(frozen_tiny_llama(tiny_llama_path), spec.adapter)
     rates = assert_same_rates_as_peft(model, spec, embedding_lr=1e-6)
     assert {rate for name, rate in rates.items() if ".lora_B." in name} == {LR * RATIO}
@@ -72,7 +71,7 @@ def test_without_lora_plus_matrices_share_one_rate_and_vectors_are_not_decayed(t
 
     model = get_peft_model(frozen_tiny_llama(tiny_llama_path), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
     model.get_base_model().model.norm.weight.requires_grad_(True)  # a trained vector
-    spec = validate_spec({**BASE, "optim": {"lr": LR, "weight_decay": 0.1}})
+    spec = make_spec(base=MINIMAL_SPEC, optim={"lr": LR, "weight_decay": 0.1})
     groups = {group["name"]: group for group in make_optimizer(model, spec).param_groups}
     assert {name: (g["lr"], g["weight_decay"]) for name, g in groups.items()} == {"adapter": (LR, 0.1), "no_decay": (LR, 0.0)}
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from orchestrator.plan import build_plan, deepspeed_config, worker_resources
-from orchestrator.spec import validate_spec
-
-BASE = {"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}
-
-
-def spec_with(**sections):
-    return validate_spec({**BASE, **sections})
+from tests.helpers import MINIMAL_SPEC, make_spec
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_per_stage(stage):
-    config = deepspeed_config(spec_with(deepspeed={"zero_stage": stage}, train={"batch_size": 4, "grad_accum": 3}, scaling={"num_workers": 2}))
+    config = deepspeed_config(make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": stage}, train={"batch_size": 4, "grad_accum": 3},
+                                        scaling={"num_workers": 2}))
     assert config["zero_optimization"]["stage"] == stage
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 3
@@ -31,21 +26,22 @@ def test_deepspeed_config_per_stage(stage):
 
 
 def test_gpu_runs_use_bf16_and_ask_for_gpus():
-    spec = spec_with(scaling={"num_workers": 4, "use_gpu": True, "cpus_per_worker": 8})
+    spec = make_spec(base=MINIMAL_SPEC, scaling={"num_workers": 4, "use_gpu": True, "cpus_per_worker": 8})
     assert deepspeed_config(spec)["bf16"]["enabled"] is True
     assert worker_resources(spec) == {"CPU": 8, "GPU": 1}
     assert build_plan(spec).cluster_needs == {"CPU": 32, "GPU": 4}
 
 
 def test_raw_deepspeed_config_is_merged_last_and_deeply():
-    config = deepspeed_config(spec_with(deepspeed={"zero_stage": 3, "config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.5}}))
+    raw_config = {"zero_optimization": {"stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.5}
+    config = deepspeed_config(make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": 3, "config": raw_config}))
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert config["gradient_clipping"] == 0.5
 
 
 def test_clipping_off_when_zero():
-    assert "gradient_clipping" not in deepspeed_config(spec_with(optim={"grad_clip": 0}))
+    assert "gradient_clipping" not in deepspeed_config(make_spec(base=MINIMAL_SPEC, optim={"grad_clip": 0}))
 
 
 @pytest.mark.parametrize("targets, rank", [(["q_proj", "v_proj"], 8), ("all-linear", 4), (["down_proj"], 16)])
@@ -54,7 +50,7 @@ def test_trainable_estimate_matches_peft(tiny_llama_path, targets, rank):
 
     from orchestrator.train.model import build_adapted_model
 
-    spec = spec_with(adapter={"method": "lora", "r": rank, "target_modules": targets})
+    spec = make_spec(base=MINIMAL_SPEC, adapter={"method": "lora", "r": rank, "target_modules": targets})
     plan = build_plan(spec, AutoConfig.from_pretrained(tiny_llama_path))
     _, counts = build_adapted_model(spec, tiny_llama_path, torch.float32)
     assert plan.trainable_parameters == counts.trainable
@@ -74,7 +70,7 @@ def test_trainable_estimate_matches_peft(tiny_llama_path, targets, rank):
 def test_plan_refuses_configs_that_would_silently_change_the_algorithm(raw_config, expected):
     from orchestrator.errors import JobSpecError
 
-    spec = spec_with(optim={"lora_plus_ratio": 16}, deepspeed={"zero_stage": 2, "config": raw_config})
+    spec = make_spec(base=MINIMAL_SPEC, optim={"lora_plus_ratio": 16}, deepspeed={"zero_stage": 2, "config": raw_config})
     with pytest.raises(JobSpecError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         build_plan(spec)
 
@@ -85,7 +81,7 @@ def test_lora_plus_groups_carry_the_ratio():
 
     from orchestrator.builtin.models import resolve_model_path
 
-    spec = spec_with(optim={"lr": 1e-4, "lora_plus_ratio": 16, "weight_decay": 0.1})
+    spec = make_spec(base=MINIMAL_SPEC, optim={"lr": 1e-4, "lora_plus_ratio": 16, "weight_decay": 0.1})
     model, _ = build_adapted_model(spec, resolve_model_path("builtin:tiny-llama"), torch.float32)
     optimizer = make_optimizer(model, spec)
     groups = {g["name"]: g for g in optimizer.param_groups}
@@ -143,7 +139,7 @@ def test_plan_counts_what_peft_attaches_for_any_layer_type(tiny_llama_path, mode
                  else VeraConfig(r=rank, target_modules=targets))
     expected = _peft_trainable(base, reference)
 
-    plan = build_plan(spec_with(adapter={"method": method, "r": rank, "target_modules": targets}), config)
+    plan = build_plan(make_spec(base=MINIMAL_SPEC, adapter={"method": method, "r": rank, "target_modules": targets}), config)
     assert plan.trainable_parameters == expected > 0
     assert plan.base_parameters == sum(p.numel() for p in base.parameters() if not p.requires_grad)
 
@@ -152,14 +148,14 @@ def test_adapted_layers_give_in_and_out_features_of_every_layer_type(tiny_llama_
     from transformers import AutoConfig
 
     llama = AutoConfig.from_pretrained(tiny_llama_path)
-    layers = build_plan(spec_with(adapter={"target_modules": ["q_proj", "embed_tokens", "lm_head"]}), llama).adapted_layers
+    layers = build_plan(make_spec(base=MINIMAL_SPEC, adapter={"target_modules": ["q_proj", "embed_tokens", "lm_head"]}), llama).adapted_layers
     head_dim = llama.hidden_size // llama.num_attention_heads
     assert layers["model.embed_tokens"] == (llama.vocab_size, llama.hidden_size)  # (num_embeddings, embedding_dim)
     assert layers["lm_head"] == (llama.hidden_size, llama.vocab_size)
     assert layers["model.layers.1.self_attn.q_proj"] == (llama.hidden_size, llama.num_attention_heads * head_dim)
     assert len(layers) == 2 + llama.num_hidden_layers
     gpt2 = _tiny_gpt2_config()
-    layers = build_plan(spec_with(adapter={"target_modules": ["c_attn"]}), gpt2).adapted_layers
+    layers = build_plan(make_spec(base=MINIMAL_SPEC, adapter={"target_modules": ["c_attn"]}), gpt2).adapted_layers
     assert layers == {f"transformer.h.{i}.attn.c_attn": (32, 96) for i in range(2)}  # Conv1D weight is (in, out)
 
 
@@ -171,16 +167,16 @@ def test_targets_that_match_nothing_list_the_adaptable_layers(tiny_llama_path):
     config = AutoConfig.from_pretrained(tiny_llama_path)
     with pytest.raises(PreflightError, match=r"\['query'\] match no linear layer, embedding or Conv1D .*embed_tokens, gate_proj, "
                                              r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)"):
-        build_plan(spec_with(adapter={"target_modules": ["query"]}), config)
+        build_plan(make_spec(base=MINIMAL_SPEC, adapter={"target_modules": ["query"]}), config)
     # A layer PEFT cannot adapt with this method is refused by PEFT itself, in one line.
     with pytest.raises(PreflightError, match=r"adapter: vera cannot be attached to target_modules \['embed_tokens'\] \(.+\)$"):
-        build_plan(spec_with(adapter={"method": "vera", "target_modules": ["embed_tokens"]}), config)
+        build_plan(make_spec(base=MINIMAL_SPEC, adapter={"method": "vera", "target_modules": ["embed_tokens"]}), config)
 
 
 def test_plan_shows_the_learning_rate_of_every_optimizer_group(tiny_llama_path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_llama_path)
-    spec = spec_with(adapter={"target_modules": ["q_proj", "embed_tokens"]}, optim={"lr": 1e-4, "lora_plus_ratio": 16})
+    spec = make_spec(base=MINIMAL_SPEC, adapter={"target_modules": ["q_proj", "embed_tokens"]}, optim={"lr": 1e-4, "lora_plus_ratio": 16})
     assert build_plan(spec, config).learning_rates == {"A": 1e-4, "embedding": 1e-6, "B": pytest.approx(1.6e-3)}
-    assert build_plan(spec_with(optim={"lr": 1e-4}), config).learning_rates == {"adapter": 1e-4}
+    assert build_plan(make_spec(base=MINIMAL_SPEC, optim={"lr": 1e-4}), config).learning_rates == {"adapter": 1e-4}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from ray_head import free_ports
+from tests.helpers import REPO
+from tests.ray_head import free_ports
 
 pytestmark = pytest.mark.slow
 QUICKSTART = REPO / "docs" / "quickstart.md"

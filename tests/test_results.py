@@ -18,57 +18,15 @@ from PIL import Image
 import orchestrator
 from orchestrator.cli import main
 from orchestrator.errors import OrchestratorError, StorageError
-from orchestrator.launch import report
-from orchestrator.launch.curves import COMPARISON_FIGURE_INCHES, DPI, RUN_FIGURE_INCHES
-from orchestrator.launch.results import split_result_uri
-from orchestrator.spec import spec_to_yaml
+from orchestrator.results import report
+from orchestrator.results.curves import COMPARISON_FIGURE_INCHES, DPI, RUN_FIGURE_INCHES
+from orchestrator.results.uri import split_result_uri
 from orchestrator.storage.fs import open_storage
-from orchestrator.storage.layout import checkpoint_dir_name
 from orchestrator.storage.manifest import build_manifest, sha256_bytes, write_manifest
-from tests.test_local_run import job
+from tests.helpers import make_spec, training_metrics, write_run
 
 RUN_PNG = (RUN_FIGURE_INCHES[0] * DPI, RUN_FIGURE_INCHES[1] * DPI)
 COMPARISON_PNG = (COMPARISON_FIGURE_INCHES[0] * DPI, COMPARISON_FIGURE_INCHES[1] * DPI)
-
-
-def training_metrics(max_steps: int, eval_every: int, start_loss: float, log_every: int = 3) -> list[dict]:
-    """What the worker loop logs: loss every log_every steps, eval_loss at evaluations (and the last step)."""
-    entries = []
-    for step in range(log_every, max_steps + 1, log_every):
-        entry = {"loss": start_loss - 0.05 * step, "tokens_per_s": 4000.0 + step, "tokens": 400 * step,
-                 "step": step, "epoch": 0, "lr": 3e-3}
-        if step % eval_every == 0 or step == max_steps:
-            entry["eval_loss"] = start_loss + 0.1 - 0.04 * step
-        entries.append(entry)
-    return entries
-
-
-def write_run(storage, path: str, spec, metrics: list[dict], *, complete: bool = True, checkpoints=(6,),
-              params: dict | None = None) -> int:
-    """A run folder as the worker loop leaves it; returns the bytes written (what `runs` must report as its size)."""
-    files = {"spec.yaml": spec_to_yaml(spec).encode(), "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics).encode()}
-    if params is not None:
-        files["params.json"] = json.dumps(params).encode()
-    adapter = {"adapter/adapter_config.json": b'{"r": 8, "peft_type": "LORA"}', "adapter/adapter_model.safetensors": b"\0" * 512}
-    written = 0
-    for step in checkpoints:
-        folder = f"{path}/checkpoints/{checkpoint_dir_name(step)}"
-        for name, data in adapter.items():
-            storage.write_bytes(storage.path(folder, name), data)
-            written += len(data)
-        write_manifest(storage, storage.path(folder), build_manifest({n: sha256_bytes(d) for n, d in adapter.items()}, step=step))
-        written += len(storage.read_bytes(storage.path(folder, "manifest.json")))
-    if complete:
-        summary = {"status": "complete", "steps": spec.train.max_steps, "trainable_parameters": 65536, "total_parameters": 427648,
-                   "trainable_percent": 15.325, "final": metrics[-1], "wall_seconds": 83.4}
-        files |= adapter | {"summary.json": json.dumps(summary).encode(), "probe_logits.safetensors": b"\1" * 64}
-    for name, data in files.items():
-        storage.write_bytes(storage.path(path, name), data)
-        written += len(data)
-    if complete:
-        write_manifest(storage, storage.path(path), build_manifest({n: sha256_bytes(d) for n, d in files.items()}, status="complete"))
-        written += len(storage.read_bytes(storage.path(path, "manifest.json")))
-    return written
 
 
 def write_search(storage, search: str, trials: dict[str, tuple], *, finished: bool) -> int:
@@ -105,16 +63,16 @@ def write_examples(uri: str, pause: float):
     storage = open_storage(uri)
     sizes = {}
     sizes["runs/it/20261101-100000-aaaa"] = write_run(
-        storage, "runs/it/20261101-100000-aaaa", job(uri), training_metrics(12, 6, start_loss=5.0))
+        storage, "runs/it/20261101-100000-aaaa", make_spec(uri), training_metrics(12, 6, start_loss=5.0))
     time.sleep(pause)
-    plus = job(uri, adapter={"method": "delta_lora", "r": 4, "alpha": 8, "target_modules": "all-linear", "start_step": 2},
-               optim={"lora_plus_ratio": 16}).model_copy(update={"name": "plus"})
+    plus = make_spec(uri, name="plus", optim={"lora_plus_ratio": 16},
+                     adapter={"method": "delta_lora", "r": 4, "alpha": 8, "target_modules": "all-linear", "start_step": 2})
     sizes["runs/plus/20261102-100000-bbbb"] = write_run(
         storage, "runs/plus/20261102-100000-bbbb", plus, training_metrics(12, 6, start_loss=4.0)[:2], complete=False, checkpoints=(6,))
     time.sleep(pause)
     trials = {
-        "t0001": (job(uri, adapter={"r": 16}), training_metrics(12, 6, start_loss=4.5), True, {"adapter.r": 16}),
-        "t0002": (job(uri, adapter={"r": 4}), training_metrics(12, 6, start_loss=4.8)[:2], False, {"adapter.r": 4}),
+        "t0001": (make_spec(uri, adapter={"r": 16}), training_metrics(12, 6, start_loss=4.5), True, {"adapter.r": 16}),
+        "t0002": (make_spec(uri, adapter={"r": 4}), training_metrics(12, 6, start_loss=4.8)[:2], False, {"adapter.r": 4}),
     }
     sizes["tune/sweep"] = write_search(storage, "sweep", trials, finished=True)
     return uri, storage, sizes
@@ -260,13 +218,13 @@ def test_unreachable_storage_is_one_line(object_store, monkeypatch):
 
 
 def test_default_storage_is_local_modes_embedded_store(object_store, tmp_path, monkeypatch):
-    from orchestrator.launch.runtime import embedded_store
+    from orchestrator.storage.objectstore import embedded_store
 
     # Local mode: no endpoint configured, so s3://orchestrator means the embedded store, in its data dir.
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("ORCHESTRATOR_STORE_DIR", str(tmp_path / "store"))
     with embedded_store(print):
-        write_run(open_storage("s3://orchestrator"), "runs/it/20261103-100000-cccc", job("s3://orchestrator"),
+        write_run(open_storage("s3://orchestrator"), "runs/it/20261103-100000-cccc", make_spec("s3://orchestrator"),
                   training_metrics(12, 6, start_loss=5.0))
     notices = []
     records = orchestrator.runs(echo=notices.append)  # the store is stopped: runs starts it again
@@ -285,7 +243,7 @@ def test_split_result_uri_takes_uris_and_the_paths_runs_prints():
 
 def test_runs_reads_a_file_storage_too(tmp_path):
     storage = open_storage(f"file://{tmp_path}")
-    size = write_run(storage, "runs/it/20261104-100000-dddd", job(f"file://{tmp_path}"), training_metrics(12, 6, 5.0))
+    size = write_run(storage, "runs/it/20261104-100000-dddd", make_spec(f"file://{tmp_path}"), training_metrics(12, 6, 5.0))
     [record] = orchestrator.runs(f"file://{tmp_path}")
     assert (record.path, record.status, record.size, record.steps) == ("runs/it/20261104-100000-dddd", "complete", size, 12)
 
@@ -308,8 +266,8 @@ def test_open_needs_a_desktop(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_runs_feed_runs_show_and_compare(ray_session, s3_storage_uri, tmp_path, capsys):
-    first = orchestrator.run(job(s3_storage_uri), run_id="first", echo=print)
-    second = orchestrator.run(job(s3_storage_uri, adapter={"r": 4}, optim={"lora_plus_ratio": 8}), run_id="second", echo=print)
+    first = orchestrator.run(make_spec(s3_storage_uri), run_id="first", echo=print)
+    second = orchestrator.run(make_spec(s3_storage_uri, adapter={"r": 4}, optim={"lora_plus_ratio": 8}), run_id="second", echo=print)
     records = orchestrator.runs(s3_storage_uri, job="it")
     assert [r.uri for r in records] == [second.run_uri, first.run_uri]
     rows = [report.overview_row(r) for r in records]
@@ -325,3 +283,27 @@ def test_real_runs_feed_runs_show_and_compare(ray_session, s3_storage_uri, tmp_p
     assert png_size((tmp_path / "c.png").read_bytes()) == COMPARISON_PNG
     table = capsys.readouterr().out
     assert "runs/it/first" in table and "runs/it/second" in table
+
+
+def test_the_names_runs_and_show_print_are_what_show_compare_and_export_take(examples, tmp_path, capsys):
+    uri, storage, _ = examples
+    assert main(["runs", uri]) == 0
+    runs_names = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:-1]]  # the RUN column
+    assert {"tune/sweep", "runs/it/20261101-100000-aaaa"} <= set(runs_names)
+    assert main(["show", "tune/sweep", "--storage", uri, "--out", str(tmp_path / "s.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("RANK"))
+    trial = lines[header + 1].split()[1]  # the leaderboard's RUN column: the best trial
+    assert trial == "tune/sweep/trials/t0001"
+    for name in ("runs/it/20261101-100000-aaaa", trial):
+        for given in (name, f"{uri}/{name}"):  # relative to --storage, and as the full URI that show prints
+            assert main(["show", given, "--storage", uri, "--out", str(tmp_path / "one.png")]) == 0
+            assert f"{uri}/{name}  (complete)" in capsys.readouterr().out
+        out = tmp_path / name.replace("/", "-")
+        assert orchestrator.export(name, out, storage_uri=uri, echo=lambda line: None) == out
+        assert main(["export", f"{uri}/{name}", "--out", str(out / "again")]) == 0
+        stored = storage.read_bytes(storage.path(name, "adapter", "adapter_model.safetensors"))
+        assert (out / "adapter_model.safetensors").read_bytes() == (out / "again" / "adapter_model.safetensors").read_bytes() == stored
+    capsys.readouterr()
+    assert main(["compare", "runs/it/20261101-100000-aaaa", trial, "--storage", uri, "--out", str(tmp_path / "c.png")]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]] == ["runs/it/20261101-100000-aaaa", trial]

@@ -17,6 +17,7 @@ import yaml
 
 from orchestrator.storage.fs import open_storage
 from orchestrator.train.faults import schedule_fault
+from tests.helpers import MINIMAL_SPEC, make_spec
 
 SECRET_URL_PART = "s3cr3tInUrl"
 
@@ -39,12 +40,11 @@ def test_local_run_failure_and_resume_leave_the_secret_nowhere(object_store, s3_
     faults = tmp_path / "faults.json"
     schedule_fault(faults, "secret-scan", step=3)
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "name": "secrets", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic", "max_length": 32},
-        "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"max_steps": 6, "batch_size": 4, "eval_every": 3, "checkpoint_every": 3, "log_every": 1, "max_failures": 0},
-        "scaling": {"num_workers": 2}, "storage": {"uri": s3_storage_uri},
-    }))
+    job.write_text(yaml.safe_dump(make_spec(
+        s3_storage_uri, base=MINIMAL_SPEC, raw=True, name="secrets", data={"max_length": 32}, scaling={"num_workers": 2},
+        adapter={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        train={"max_steps": 6, "batch_size": 4, "eval_every": 3, "checkpoint_every": 3, "log_every": 1, "max_failures": 0},
+    )))
     ray_tmp = Path(tempfile.mkdtemp(prefix="ors-", dir="/tmp"))  # short: Ray's socket paths live below it
     env = {**os.environ, "ORCHESTRATOR_FAULTS": str(faults), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
@@ -69,12 +69,13 @@ def test_local_run_failure_and_resume_leave_the_secret_nowhere(object_store, s3_
 
 @pytest.mark.parametrize("args", [
     ("validate", "--set", f"storage.uri=s3://AKIAEXAMPLE:{SECRET_URL_PART}@bucket/runs"),
-    ("run", "--set", f"data.path=s3://AKIAEXAMPLE:{SECRET_URL_PART}@bucket/data.jsonl"),
+    # ~4 s: `run` gets as far as preflight, which tries to read the data
+    pytest.param(("run", "--set", f"data.path=s3://AKIAEXAMPLE:{SECRET_URL_PART}@bucket/data.jsonl"), marks=pytest.mark.slow),
     ("submit", "--set", "storage.uri=s3://bucket/runs", "--address", f"http://admin:{SECRET_URL_PART}@127.0.0.1:9"),
 ], ids=["storage-uri", "data-path", "cluster-address"])
 def test_urls_with_credentials_are_refused_without_repeating_them(args, tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "j", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}))
+    job.write_text(yaml.safe_dump(MINIMAL_SPEC))
     command, *rest = args
     result = run_cli(command, str(job), *rest, env={**os.environ, "RAY_ADDRESS": ""})
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr[-2000:]

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from orchestrator.errors import JobSpecError
 from orchestrator.spec import load_spec, spec_to_yaml, validate_spec
-
-REPO = Path(__file__).resolve().parent.parent
-MINIMAL = {"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"}}
+from tests.helpers import MINIMAL_SPEC, REPO, make_spec
 
 
 def _leaves(tree: dict, prefix: str = ""):
@@ -51,60 +49,67 @@ def test_overrides_set_nested_fields_with_yaml_types():
     assert spec.adapter.rslora is True
 
 
-def _with(section: str, **fields) -> dict:
-    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in MINIMAL.items()}
-    raw.setdefault(section, {}).update(fields)
-    return raw
-
-
+# Each case is the minimal spec with these sections (or top-level values) set; None removes a key.
 @pytest.mark.parametrize(
-    "raw, expected",
+    "sections, expected",
     [
-        (_with("adapter", r=0), "adapter.r: Input should be greater than or equal to 1 (got 0)"),
-        (_with("adapter", alpha=0), "adapter.alpha: Input should be greater than 0"),
-        (_with("adapter", dropout=1.0), "adapter.dropout: Input should be less than 1"),
-        (_with("adapter", method="dora"), "adapter.method: unknown adapter method 'dora'; known methods: delta_lora, lora, lora_fa, vera"),
+        ({"adapter": {"r": 0}}, "adapter.r: Input should be greater than or equal to 1 (got 0)"),
+        ({"adapter": {"alpha": 0}}, "adapter.alpha: Input should be greater than 0"),
+        ({"adapter": {"dropout": 1.0}}, "adapter.dropout: Input should be less than 1"),
+        ({"adapter": {"dropout": -0.1}}, "adapter.dropout: Input should be greater than or equal to 0 (got -0.1)"),
+        ({"adapter": {"method": "dora"}}, "adapter.method: unknown adapter method 'dora'; known methods: delta_lora, lora, lora_fa, vera"),
         # each method carries only its own options
-        (_with("adapter", method="vera", alpha=16), "adapter.alpha: unknown field"),
-        (_with("adapter", method="lora", project_gradient=True), "adapter.project_gradient: unknown field"),
-        (_with("adapter", method="delta_lora", dropout=0.1), "adapter.dropout: unknown field"),
-        (_with("adapter", method="vera", d_initial=0), "adapter.d_initial: Input should be greater than 0"),
-        (_with("adapter", method="delta_lora", update_ratio=-1), "adapter.update_ratio: Input should be greater than or equal to 0"),
-        ({**_with("adapter", method="delta_lora", start_step=99), "train": {"max_steps": 100}},
+        ({"adapter": {"method": "vera", "alpha": 16}}, "adapter.alpha: unknown field"),
+        ({"adapter": {"method": "lora", "project_gradient": True}}, "adapter.project_gradient: unknown field"),
+        ({"adapter": {"method": "delta_lora", "dropout": 0.1}}, "adapter.dropout: unknown field"),
+        ({"adapter": {"method": "vera", "d_initial": 0}}, "adapter.d_initial: Input should be greater than 0"),
+        ({"adapter": {"method": "delta_lora", "update_ratio": -1}}, "adapter.update_ratio: Input should be greater than or equal to 0"),
+        ({"adapter": {"method": "delta_lora", "start_step": 99}, "train": {"max_steps": 100}},
          "adapter.start_step: 99 leaves no iteration after it below train.max_steps (100)"),
-        ({**_with("adapter", method="vera"), "optim": {"lora_plus_ratio": 16}},
+        ({"adapter": {"method": "vera"}, "optim": {"lora_plus_ratio": 16}},
          "optim.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, but adapter method 'vera'"),
-        ({**_with("adapter", method="lora_fa"), "optim": {"lora_plus_ratio": 16}}, "adapter method 'lora_fa' does not train both"),
-        (_with("optim", lora_plus_ratio=0), "optim.lora_plus_ratio: Input should be greater than 0"),
-        (_with("train", batch_sise=8), "train.batch_sise: unknown field; did you mean 'batch_size'?"),
-        (_with("train", max_steps="many"), "train.max_steps: Input should be a valid integer"),
-        (_with("train", batch_size=0), "train.batch_size: Input should be greater than or equal to 1"),
-        (_with("data", max_length=0), "data.max_length: Input should be greater than or equal to 1"),
-        (_with("scaling", num_workers=0), "scaling.num_workers: Input should be greater than or equal to 1"),
-        (_with("deepspeed", zero_stage=4), "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
-        (_with("storage", uri="gs://bucket/x"), "storage.uri: Value error, must start with s3:// or file://"),
-        (_with("storage", uri="s3://AKIA:secret@bucket/x"), "must not hold credentials"),
-        (_with("storage", uri="s3://Bad_Bucket/x"), "is not a valid S3 bucket name"),
-        (_with("data", text_field="text", prompt_field="p"), "data: Value error, give either text_field"),
-        ({**MINIMAL, "name": "../escape"}, "name: must not contain '..'"),
-        ({**MINIMAL, "name": "a..b"}, "name: Value error, must not contain '..'"),
-        ({"name": "t", "data": {"path": "x.jsonl"}}, "model: required field is missing"),
-        ({**MINIMAL, "modle": {}}, "modle: unknown field; did you mean 'model'?"),
+        ({"adapter": {"method": "lora_fa"}, "optim": {"lora_plus_ratio": 16}},
+         "optim.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, but adapter method 'lora_fa' does not train both"),
+        ({"optim": {"lora_plus_ratio": 0}}, "optim.lora_plus_ratio: Input should be greater than 0"),
+        ({"train": {"batch_sise": 8}}, "train.batch_sise: unknown field; did you mean 'batch_size'?"),
+        ({"train": {"max_steps": "many"}}, "train.max_steps: Input should be a valid integer"),
+        ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
+        ({"data": {"max_length": 0}}, "data.max_length: Input should be greater than or equal to 1"),
+        ({"scaling": {"num_workers": 0}}, "scaling.num_workers: Input should be greater than or equal to 1"),
+        ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        ({"storage": {"uri": "gs://bucket/x"}}, "storage.uri: Value error, must start with s3:// or file://"),
+        ({"storage": {"uri": "s3://AKIA:secret@bucket/x"}}, "must not hold credentials"),
+        ({"storage": {"uri": "s3://Bad_Bucket/x"}}, "is not a valid S3 bucket name"),
+        ({"data": {"text_field": "text", "prompt_field": "p"}}, "data: Value error, give either text_field"),
+        ({"name": "../escape"}, "name: must not contain '..'"),
+        ({"name": "a..b"}, "name: Value error, must not contain '..'"),
+        ({"name": "team/job"}, "name: use 1–100 letters, digits"),
+        ({"model": None}, "model: required field is missing"),
+        ({"modle": {}}, "modle: unknown field; did you mean 'model'?"),
     ],
 )
-def test_invalid_specs_name_the_field(raw, expected):
+def test_invalid_specs_name_the_field(sections, expected):
     with pytest.raises(JobSpecError) as error:
-        validate_spec(raw, source="job.yaml")
+        validate_spec(make_spec(base=MINIMAL_SPEC, raw=True, **sections), source="job.yaml")
     message = str(error.value)
     assert message.startswith("job.yaml: ")
     assert expected.replace("Value error, ", "") in message
     assert "\n" not in message
 
 
-def test_malformed_yaml_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\nmodel: {path: [\n", "malformed YAML at line 3, column 1"),
+    ("- just\n- a list\n", "a job spec must be a YAML mapping"),
+    # A YAML "billion laughs": nine levels of nine aliases would expand to 9**9 nodes.
+    ("name: x\ndeepspeed:\n  config:\n    a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"    {chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8)),
+     "line 5: YAML aliases (*a) are not allowed in a job spec; write the value out"),
+    ("name: x\n" + "#" * (1 << 20), f"{(1 << 20) + 8:,} bytes is too large for a job spec (at most 1,048,576)"),
+], ids=["malformed-yaml", "not-a-mapping", "alias-bomb", "too-large"])
+def test_unreadable_job_file_names_the_file_and_why(tmp_path, text, expected):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmodel: {path: [unclosed\n")
-    with pytest.raises(JobSpecError, match=r"bad.yaml: malformed YAML at line \d+"):
+    bad.write_text(text)
+    with pytest.raises(JobSpecError, match=re.escape(f"{bad}: {expected}")):
         load_spec(bad)
 
 
@@ -125,18 +130,18 @@ def test_stored_spec_round_trips():
 
 
 def test_adapter_without_method_is_lora_and_each_method_parses_its_options():
-    assert validate_spec(_with("adapter", r=4)).adapter.method == "lora"
-    spec = validate_spec({**_with("adapter", method="delta_lora", start_step=5, update_ratio=1.5), "optim": {"lora_plus_ratio": 16}})
+    assert make_spec(base=MINIMAL_SPEC, adapter={"r": 4}).adapter.method == "lora"
+    spec = make_spec(base=MINIMAL_SPEC, adapter={"method": "delta_lora", "start_step": 5, "update_ratio": 1.5}, optim={"lora_plus_ratio": 16})
     assert (spec.adapter.start_step, spec.adapter.update_ratio, spec.optim.lora_plus_ratio) == (5, 1.5, 16)
-    assert validate_spec(_with("adapter", method="lora_fa", project_gradient=True)).adapter.project_gradient is True
-    assert validate_spec(_with("adapter", method="vera", r=512)).adapter.save_projection is True
+    assert make_spec(base=MINIMAL_SPEC, adapter={"method": "lora_fa", "project_gradient": True}).adapter.project_gradient is True
+    assert make_spec(base=MINIMAL_SPEC, adapter={"method": "vera", "r": 512}).adapter.save_projection is True
 
 
 def test_reading_a_spec_does_not_load_torch():
     """`validate`, `submit`, `runs` and friends read specs; importing torch for that took ~1 s per command."""
     code = ("import sys; from orchestrator.cli import main; code = main(['validate', 'jobs/local-smoke.yaml']); "
             "assert code == 0; print(sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
@@ -145,7 +150,7 @@ def test_resume_check_fills_in_fields_added_since_a_run_was_stored():
     from orchestrator.errors import JobSpecError
     from orchestrator.launch.run import _check_same_run
 
-    spec = validate_spec({**MINIMAL, "optim": {"lr": 1e-3, "lora_plus_ratio": 4}})
+    spec = make_spec(base=MINIMAL_SPEC, optim={"lr": 1e-3, "lora_plus_ratio": 4})
     stored = spec.model_dump(mode="json")
     del stored["optim"]["lora_plus_lr_embedding"]  # written before the field existed
     _check_same_run(stored, spec, "old-run")

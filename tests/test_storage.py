@@ -10,7 +10,7 @@ from orchestrator.errors import StorageError
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout, checkpoint_step
 from orchestrator.storage.manifest import build_manifest, hash_local_dir, is_complete, verify_local_copy, write_manifest
-from tests.conftest import TEST_BUCKET
+from tests.helpers import TEST_BUCKET
 
 
 def test_writable_bucket_passes_the_check(s3_storage_uri):
@@ -37,9 +37,9 @@ def test_unreachable_endpoint_is_reported(object_store, monkeypatch):
         open_storage(f"s3://{TEST_BUCKET}/x").check_writable()
 
 
-@pytest.mark.parametrize("kind", ["s3", "file"])
-def test_checkpoint_without_manifest_or_with_missing_file_is_incomplete(kind, s3_storage_uri, tmp_path):
-    uri = s3_storage_uri if kind == "s3" else f"file://{tmp_path}/store"
+@pytest.mark.parametrize("kind", [pytest.param("s3", marks=pytest.mark.slow), "file"])
+def test_checkpoint_without_manifest_or_with_missing_file_is_incomplete(kind, request, tmp_path):
+    uri = request.getfixturevalue("s3_storage_uri") if kind == "s3" else f"file://{tmp_path}/store"
     storage = open_storage(uri)
     layout = RunLayout(storage, "job", "run-1")
     local = tmp_path / "ckpt"
@@ -77,6 +77,7 @@ def test_embedded_store_enforces_auth(object_store):
         anonymous.ls(TEST_BUCKET)
 
 
+@pytest.mark.slow  # starts and stops a SeaweedFS server of its own, twice: ~8 s
 def test_store_left_stopping_is_waited_for_by_the_next_start(tmp_path):
     """A command returns while its store finishes stopping; a start right after on the same data must
     wait for that server (it still holds the files), then serve everything written before."""

@@ -10,20 +10,18 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import orchestrator
-from orchestrator import tracking
+from orchestrator.results import tracking
 from orchestrator.cli import main
 from orchestrator.errors import JobSpecError, OrchestratorError
-from orchestrator.launch.results import load_result
+from orchestrator.results.records import load_result
 from orchestrator.spec import spec_to_yaml, validate_spec
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout
-from tests.test_local_run import job
-from tests.test_results import training_metrics, write_run
+from tests.helpers import MINIMAL_SPEC, make_spec, training_metrics, write_run
 
 
 def tracked(storage_uri: str, tracking_uri: str, **overrides) -> orchestrator.JobSpec:
-    raw = job(storage_uri, **overrides).model_dump(mode="json")
-    return validate_spec({**raw, "tracking": {"mlflow": {"tracking_uri": tracking_uri}}})
+    return make_spec(storage_uri, tracking={"mlflow": {"tracking_uri": tracking_uri}}, **overrides)
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -45,9 +43,15 @@ def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_a_stored_run_is_logged_with_the_metrics_it_stored(s3_storage_uri, mlflow_uri):
-    spec = tracked(s3_storage_uri, mlflow_uri, optim={"lora_plus_ratio": 4})
-    storage = open_storage(s3_storage_uri)
+@pytest.fixture
+def storage_uri(tmp_path) -> str:
+    """Where runs written by hand are stored: a local folder, since these tests check what MLflow is told."""
+    return f"file://{tmp_path}/store"
+
+
+def test_a_stored_run_is_logged_with_the_metrics_it_stored(storage_uri, mlflow_uri):
+    spec = tracked(storage_uri, mlflow_uri, optim={"lora_plus_ratio": 4})
+    storage = open_storage(storage_uri)
     metrics = training_metrics(12, 6, start_loss=5.0)
     write_run(storage, "runs/it/r1", spec, metrics)
     target = tracking.connect(spec)
@@ -64,16 +68,16 @@ def test_a_stored_run_is_logged_with_the_metrics_it_stored(s3_storage_uri, mlflo
     params = logged.data.params
     assert (params["adapter.r"], params["optim.lora_plus_ratio"], params["train.max_steps"]) == ("8", "4.0", "12")
     assert params["trainable_parameters"] == "65536" and not any(k.startswith(("storage.", "tracking.")) for k in params)
-    assert logged.data.tags[tracking.RUN_URI_TAG] == f"{s3_storage_uri}/runs/it/r1"
-    assert logged.data.tags["orchestrator.adapter_uri"] == f"{s3_storage_uri}/runs/it/r1/adapter"
+    assert logged.data.tags[tracking.RUN_URI_TAG] == f"{storage_uri}/runs/it/r1"
+    assert logged.data.tags["orchestrator.adapter_uri"] == f"{storage_uri}/runs/it/r1/adapter"
 
     assert tracking.log_stored_run(target, load_result(storage, "runs/it/r1")) == run_id
     assert len(client.get_metric_history(run_id, "loss")) == len(metrics), "logging again adds nothing"
 
 
-def test_a_resumed_run_continues_its_mlflow_run(s3_storage_uri, mlflow_uri):
-    spec = tracked(s3_storage_uri, mlflow_uri)
-    storage = open_storage(s3_storage_uri)
+def test_a_resumed_run_continues_its_mlflow_run(storage_uri, mlflow_uri):
+    spec = tracked(storage_uri, mlflow_uri)
+    storage = open_storage(storage_uri)
     metrics = training_metrics(12, 6, start_loss=5.0)
     target = tracking.connect(spec)
     write_run(storage, "runs/it/r2", spec, metrics[:2], complete=False)
@@ -88,9 +92,9 @@ def test_a_resumed_run_continues_its_mlflow_run(s3_storage_uri, mlflow_uri):
 
 
 @pytest.mark.parametrize("raised, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED"), (None, "FINISHED")])
-def test_logged_run_records_how_training_ended(s3_storage_uri, mlflow_uri, raised, status):
-    spec = tracked(s3_storage_uri, mlflow_uri)
-    storage = open_storage(s3_storage_uri)
+def test_logged_run_records_how_training_ended(storage_uri, mlflow_uri, raised, status):
+    spec = tracked(storage_uri, mlflow_uri)
+    storage = open_storage(storage_uri)
     write_run(storage, "runs/it/r3", spec, training_metrics(12, 6, start_loss=5.0), complete=raised is None)
     said: list[str] = []
     target = tracking.connect(spec)
@@ -103,20 +107,20 @@ def test_logged_run_records_how_training_ended(s3_storage_uri, mlflow_uri, raise
     assert said == [f"mlflow: run {logged.info.run_id} ({status.lower()}) in experiment 'it' at {mlflow_uri}"]
 
 
-def test_a_tracking_failure_never_hides_the_run(s3_storage_uri, mlflow_uri):
-    spec = tracked(s3_storage_uri, mlflow_uri)
+def test_a_tracking_failure_never_hides_the_run(storage_uri, mlflow_uri):
+    spec = tracked(storage_uri, mlflow_uri)
     target = tracking.connect(spec)
     said: list[str] = []
     # No such run in storage: logging fails, the block's own outcome stands.
-    with tracking.logged_run(target, RunLayout(open_storage(s3_storage_uri), "it", "missing"), said.append):
+    with tracking.logged_run(target, RunLayout(open_storage(storage_uri), "it", "missing"), said.append):
         pass
-    assert len(said) == 1 and said[0].startswith(f"mlflow: could not log run {s3_storage_uri}/runs/it/missing (")
+    assert len(said) == 1 and said[0].startswith(f"mlflow: could not log run {storage_uri}/runs/it/missing (")
 
 
-def test_default_store_is_sqlite_in_orchestrators_cache(s3_storage_uri, tmp_path, monkeypatch):
+def test_default_store_is_sqlite_in_orchestrators_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    spec = validate_spec({**job(s3_storage_uri).model_dump(mode="json"), "tracking": {"mlflow": {}}})
+    spec = make_spec("s3://bucket/p", tracking={"mlflow": {}})
     target = tracking.connect(spec)
     assert target.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and (tmp_path / "mlflow.db").exists()
     experiment = MlflowClient(target.tracking_uri).get_experiment(target.experiment_id)
@@ -125,14 +129,13 @@ def test_default_store_is_sqlite_in_orchestrators_cache(s3_storage_uri, tmp_path
     assert tracking.connect(spec).tracking_uri == f"sqlite:///{tmp_path / 'elsewhere.db'}"
 
 
-def test_no_tracking_section_means_no_mlflow(s3_storage_uri):
-    assert tracking.connect(job(s3_storage_uri)) is None
+def test_no_tracking_section_means_no_mlflow():
+    assert tracking.connect(make_spec("s3://bucket/p")) is None
     assert tracking.tune_callbacks(None, {}, "s3://x/tune/s") == []
 
 
 def test_credentials_in_the_tracking_uri_are_refused():
-    raw = {"name": "j", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"},
-           "tracking": {"mlflow": {"tracking_uri": "https://me:secret@mlflow.example.com"}}}
+    raw = make_spec(base=MINIMAL_SPEC, raw=True, tracking={"mlflow": {"tracking_uri": "https://me:secret@mlflow.example.com"}})
     with pytest.raises(JobSpecError, match="tracking.mlflow.tracking_uri: must not hold credentials; set MLFLOW_TRACKING_USERNAME"):
         validate_spec(raw)
 
@@ -179,12 +182,12 @@ def test_search_logger_logs_each_trial_on_the_step_axis_with_dotted_names(mlflow
 
 @pytest.mark.slow
 def test_a_real_search_logs_every_trial_to_mlflow(ray_session, s3_storage_uri, mlflow_uri):
-    spec = validate_spec({
-        **tracked(s3_storage_uri, mlflow_uri).model_dump(mode="json"),
-        "train": {"max_steps": 12, "batch_size": 8, "eval_every": 6, "eval_batches": 1, "checkpoint_every": 6, "log_every": 6},
-        "scaling": {"num_workers": 1},
-        "tune": {"name": "tracked", "num_samples": 1, "space": {"adapter.r": {"grid": [4, 8]}}, "scheduler": {"type": "fifo"}},
-    })
+    spec = tracked(
+        s3_storage_uri, mlflow_uri,
+        train={"max_steps": 12, "batch_size": 8, "eval_every": 6, "eval_batches": 1, "checkpoint_every": 6, "log_every": 6},
+        scaling={"num_workers": 1},
+        tune={"name": "tracked", "num_samples": 1, "space": {"adapter.r": {"grid": [4, 8]}}, "scheduler": {"type": "fifo"}},
+    )
     result = orchestrator.tune(spec, echo=print)
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("it")

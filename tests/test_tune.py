@@ -15,16 +15,17 @@ import orchestrator
 from orchestrator import cli
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.tune import max_concurrent_trials
-from orchestrator.spec import trial_raw, validate_spec
+from orchestrator.search import trial_raw
+from orchestrator.spec import validate_spec
 from orchestrator.storage.fs import open_storage
 from orchestrator.train.faults import schedule_fault
-
-BASE = {"name": "s", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"},
-        "train": {"max_steps": 20, "eval_every": 5, "checkpoint_every": 10}}
+from tests.helpers import MINIMAL_SPEC, make_spec
 
 
 def with_space(space: dict, **tune) -> dict:
-    return {**BASE, "tune": {"space": space, **tune}}
+    """A search over `space` (the raw spec): 20 steps, evaluated every 5, checkpointed every 10."""
+    return make_spec(base=MINIMAL_SPEC, raw=True, name="s", train={"max_steps": 20, "eval_every": 5, "checkpoint_every": 10},
+                     tune={"space": space, **tune})
 
 
 @pytest.mark.parametrize(
@@ -102,20 +103,14 @@ def _stored_jsonl(storage, path: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_local_search_with_asha_leaderboard_plot_best_adapter_resume_and_trial_export(ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path):
-    spec = validate_spec({
-        **BASE,
-        "data": {"path": "builtin:arithmetic", "max_length": 24},
-        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"max_steps": 30, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "checkpoint_every": 10,
-                  "log_every": 10, "max_failures": 0},
-        "scaling": {"num_workers": 1},
-        "storage": {"uri": s3_storage_uri},
+    spec = make_spec(
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},
+        train={"max_steps": 30, "eval_every": 10, "eval_batches": 1, "checkpoint_every": 10, "log_every": 10, "max_failures": 0},
         # A grid runs in a fixed order, so a poor trial (lr 1e-5) always meets a better one at ASHA's rungs.
-        "tune": {"name": "asha", "num_samples": 1,
-                 "space": {"adapter.method": {"grid": ["lora", "lora_fa"]}, "optim.lr": {"grid": [5e-3, 1e-5]}},
-                 "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2}},
-    })
+        tune={"name": "asha", "num_samples": 1,
+              "space": {"adapter.method": {"grid": ["lora", "lora_fa"]}, "optim.lr": {"grid": [5e-3, 1e-5]}},
+              "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2}},
+    )
     # The first trial dies once after step 10 (always past ASHA's first rung: nothing to compare with yet).
     schedule_fault(faults_file, "*_00000", step=10)
     lines: list[str] = []

@@ -10,10 +10,10 @@ does not load it.
 import importlib
 import pkgutil
 
-from orchestrator.adapters.registry import AdapterMethod, all_methods, get_method, register
+from orchestrator.adapters.registry import DEFAULT_METHOD, AdapterMethod, all_methods, get_method, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "registry" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["AdapterMethod", "all_methods", "get_method", "register"]
+__all__ = ["DEFAULT_METHOD", "AdapterMethod", "all_methods", "get_method", "register"]

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from orchestrator.adapters.lora import (
-    LowRankSpec, count_low_rank_trainable, lora_config, lora_layers, require_linear_layers,
+    LowRankSpec, check_low_rank_layers, count_low_rank_trainable, lora_config, lora_layers, require_linear_layers,
 )
 from orchestrator.adapters.registry import AdapterMethod, peft_export, register
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
 
 
 class DeltaLoraSpec(LowRankSpec):
@@ -95,6 +98,17 @@ def first_update_step(spec: DeltaLoraSpec) -> int:
     return spec.start_step + 1
 
 
+def delta_lora_spec_problems(spec: DeltaLoraSpec, job: JobSpec) -> list[str]:
+    # Iterations end at max_steps - 1: the W update must start before that.
+    if first_update_step(spec) >= job.train.max_steps:
+        return [
+            f"adapter.start_step: {spec.start_step} leaves no iteration after it below train.max_steps "
+            f"({job.train.max_steps}), so the Delta-LoRA update would never start; lower it (about a tenth "
+            f"of the run is typical)"
+        ]
+    return []
+
+
 def export_delta_lora(model, spec: DeltaLoraSpec):
     """The equivalent rank-2r LoRA (scale 1), loadable by stock PEFT."""
     import torch
@@ -117,6 +131,7 @@ def export_delta_lora(model, spec: DeltaLoraSpec):
 register(
     AdapterMethod(
         name="delta_lora", spec=DeltaLoraSpec, attach=attach_delta_lora, count_trainable=count_low_rank_trainable,
+        spec_problems=delta_lora_spec_problems, check_layers=check_low_rank_layers,
         before_step=delta_lora_before_step, export=export_delta_lora,
     )
 )

@@ -68,4 +68,14 @@ def count_low_rank_trainable(spec: LowRankSpec, linear_shapes: list[tuple[int, i
     return sum(spec.r * (d_in + d_out) for d_in, d_out in linear_shapes)
 
 
-register(AdapterMethod(name="lora", spec=LoraSpec, attach=attach_lora, count_trainable=count_low_rank_trainable))
+def check_low_rank_layers(spec: LowRankSpec, adapted_layers: dict[str, tuple[int, int]]) -> list[str]:
+    """A per-layer pair B·A of rank above a layer's dimension wastes parameters and memory. (VeRA's
+    shared random projections are another matter: their rank commonly exceeds the hidden size.)"""
+    smallest = min((min(shape) for shape in adapted_layers.values()), default=None)
+    if smallest is not None and spec.r > smallest:
+        return [f"adapter.r: {spec.r} is larger than the smallest adapted layer dimension ({smallest})"]
+    return []
+
+
+register(AdapterMethod(name="lora", spec=LoraSpec, attach=attach_lora, count_trainable=count_low_rank_trainable,
+                       check_layers=check_low_rank_layers))

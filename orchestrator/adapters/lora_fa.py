@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from orchestrator.adapters.lora import LowRankSpec, lora_config, lora_layers, require_linear_layers
+from orchestrator.adapters.lora import (
+    LowRankSpec, check_low_rank_layers, lora_config, lora_layers, require_linear_layers,
+)
 from orchestrator.adapters.registry import AdapterMethod, register
 
 if TYPE_CHECKING:
@@ -72,6 +74,6 @@ def count_lora_fa_trainable(spec: LoraFaSpec, linear_shapes: list[tuple[int, int
 register(
     AdapterMethod(
         name="lora_fa", spec=LoraFaSpec, attach=attach_lora_fa, count_trainable=count_lora_fa_trainable,
-        trains_a_and_b=False,
+        trains_a_and_b=False, check_layers=check_low_rank_layers,
     )
 )

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.adapters import get_method
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.builtin.models import resolve_model_path
-from orchestrator.adapters.lora import LowRankSpec
 from orchestrator.errors import PreflightError
 from orchestrator.plan import estimate_adapter
 from orchestrator.spec import JobSpec
@@ -37,14 +37,12 @@ def load_model_config(spec: JobSpec) -> tuple[str, Any]:
 
 
 def check_adapter_fits(spec: JobSpec, model_config: Any) -> None:
-    """Attach the adapter to the model on the meta device: it must match layers PEFT can adapt."""
-    shapes = estimate_adapter(spec, model_config).adapted_layers
-    # A per-layer pair B·A of rank above a layer's dimension wastes parameters and memory. VeRA's
-    # shared random projections are another matter: their rank commonly exceeds the hidden size.
-    rank = spec.adapter.r if isinstance(spec.adapter, LowRankSpec) else None
-    smallest = min(min(shape) for shape in shapes.values())
-    if rank is not None and rank > smallest:
-        raise PreflightError(f"adapter.r: {rank} is larger than the smallest adapted layer dimension ({smallest})")
+    """Attach the adapter to the model on the meta device: it must match layers PEFT can adapt, and
+    suit their shapes as its method requires."""
+    adapted_layers = estimate_adapter(spec, model_config).adapted_layers
+    problems = get_method(spec.adapter.method).check_layers(spec.adapter, adapted_layers)
+    if problems:
+        raise PreflightError("; ".join(problems))
 
 
 def check_data(spec: JobSpec) -> tuple[str, str | None]:

@@ -8,12 +8,12 @@ from typing import Any, Callable
 
 import yaml
 
-from orchestrator import tracking
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.progress import ProgressPrinter
 from orchestrator.launch.runtime import require_resources, storage_and_ray, with_local_cpu_share
 from orchestrator.plan import build_plan
+from orchestrator.results import tracking
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout, job_run_ids, new_run_id
@@ -110,7 +110,7 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
         else:
             echo(f"new run {layout.uri}")
         storage.write_text(layout.spec, spec_to_yaml(spec))
-        config = worker_config(spec, layout, storage_uri, resolved)
+        config = worker_config(spec, layout, storage_uri, resolved, plan.deepspeed)
         with tracking.logged_run(tracker, layout, echo):
             events = _fit(spec, config, storage, layout, echo)
         summary = _completed_summary(storage, layout)
@@ -130,10 +130,12 @@ def _completed_summary(storage, layout: RunLayout) -> dict | None:
         return None
 
 
-def worker_config(spec: JobSpec, layout: RunLayout, storage_uri: str, resolved) -> dict[str, Any]:
-    """What every worker needs: the validated spec, resolved paths, and where the run lives."""
+def worker_config(spec: JobSpec, layout: RunLayout, storage_uri: str, resolved, deepspeed: dict[str, Any]) -> dict[str, Any]:
+    """What every worker needs: the validated spec, the plan's DeepSpeed config, resolved paths, and
+    where the run lives."""
     return {
-        "spec": spec.model_dump(mode="json"), "job": layout.job, "run_id": layout.run_id, "layout_root": layout.root,
+        "spec": spec.model_dump(mode="json"), "deepspeed": deepspeed,
+        "job": layout.job, "run_id": layout.run_id, "layout_root": layout.root,
         "storage_uri": storage_uri, "endpoint_url": spec.storage.endpoint_url,
         "model_path": resolved.model_path, "data_path": resolved.data_path, "eval_data_path": resolved.eval_data_path,
     }

@@ -7,18 +7,18 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from orchestrator.builtin import cache_home
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, first_line
 from orchestrator.spec import JobSpec
-from orchestrator.storage.objectstore import DEFAULT_BUCKET, EmbeddedObjectStore, exported_env, free_ports
+from orchestrator.storage.objectstore import DEFAULT_BUCKET, DEFAULT_STORAGE, embedded_store, exported_env, free_ports
 
 
 @contextmanager
 def storage_and_ray(spec: JobSpec, local: bool, echo, idle_driver_slots: int = 0) -> Iterator[str]:
     """The storage URI with Ray running. In local mode without storage.uri, the embedded store comes up
-    while Ray starts (saving ~2 s of a local run's start on 2 cores). It is asked to stop after Ray:
-    asked while Ray's workers still held connections to it, it took 15 s instead of 2 to exit. The
-    command does not wait for it to finish (see EmbeddedObjectStore.stop)."""
+    while Ray starts (saving ~2 s of a local run's start on 2 cores); its credentials are exported
+    before Ray so that its workers inherit them. It is asked to stop after Ray: asked while Ray's
+    workers still held connections to it, it took 15 s instead of 2 to exit. The command does not wait
+    for it to finish (see EmbeddedObjectStore.stop)."""
     import ray
 
     if spec.storage.uri is not None or not local or ray.is_initialized():
@@ -26,15 +26,8 @@ def storage_and_ray(spec: JobSpec, local: bool, echo, idle_driver_slots: int = 0
                                                                         trim_train_helpers=local):
             yield storage_uri
         return
-    store = EmbeddedObjectStore(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
-    store.launch()  # credentials and endpoint are known now; exported before Ray so that its workers inherit them
-    try:
-        with exported_env(store.env()), ray_runtime(spec, local, idle_driver_slots, trim_train_helpers=True):
-            store.wait_until_serving()
-            echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
-            yield f"s3://{DEFAULT_BUCKET}"
-    finally:
-        store.stop(wait=False)
+    with embedded_store(echo, alongside=ray_runtime(spec, local, idle_driver_slots, trim_train_helpers=True)):
+        yield DEFAULT_STORAGE
 
 
 @contextmanager
@@ -50,31 +43,18 @@ def storage_for(spec: JobSpec, local: bool, echo) -> Iterator[str]:
     if ray.is_initialized():
         raise OrchestratorError("storage.uri: Ray is already running, so the embedded store's credentials cannot reach its workers; set storage.uri")
     with embedded_store(echo):  # its credentials are inherited by the Ray workers started inside
-        yield f"s3://{DEFAULT_BUCKET}"
+        yield DEFAULT_STORAGE
 
 
-@contextmanager
-def embedded_store(echo) -> Iterator[None]:
-    """Serve local mode's object store (kept in ORCHESTRATOR_STORE_DIR) with its credentials exported."""
-    store = EmbeddedObjectStore(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
-    store.start()
-    echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
-    try:
-        with exported_env(store.env()):
-            yield
-    finally:
-        store.stop(wait=False)
-
-
-def serve_store(data_dir: str | None, echo=print) -> None:
+def serve_store(data_dir: str | None = None, echo=print) -> None:
     """Serve the embedded store in the foreground until interrupted, e.g. for a head from cluster/local.sh.
 
     Its credentials are printed as export lines: they are this store's own, new at every start, and
     the shell that submits jobs needs them."""
     import time
 
-    store = EmbeddedObjectStore(data_dir or os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
-    with store:
+    # Quiet: stdout is only comments and export lines, for `source`. Waits for the stop, as a foreground server.
+    with embedded_store(None, data_dir=data_dir, wait_for_stop=True) as store:
         echo(f"# embedded S3 store at {store.endpoint_url}, bucket {DEFAULT_BUCKET}, data in {store.data_dir}; Ctrl-C stops it")
         for name, value in store.env().items():
             echo(f"export {name}={value}")
@@ -114,13 +94,6 @@ def require_resources(spec: JobSpec) -> None:
         raise OrchestratorError(f"scaling: no node of the Ray cluster can hold one worker ({per_worker})")
 
 
-def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
-    """A local-mode run URI (s3://orchestrator/…) with no other S3 endpoint configured."""
-    return (uri == f"s3://{DEFAULT_BUCKET}" or uri.startswith(f"s3://{DEFAULT_BUCKET}/")) and not (
-        endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    )
-
-
 # A local run owns a one-machine Ray: no node can be preempted and nothing scrapes Train's metrics, so
 # those helpers only take CPU from the workers; and a controller polling its workers every 0.5 s
 # instead of 2 notices the end of training sooner (each poll is one small call per worker). A variable
@@ -151,9 +124,8 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
             try:
                 ray.init(address=address, logging_level="WARNING")
             except (ConnectionError, RuntimeError, ValueError) as error:
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise OrchestratorError(
-                    f"cannot connect to a Ray cluster at RAY_ADDRESS={address!r} ({first}); use --local for "
+                    f"cannot connect to a Ray cluster at RAY_ADDRESS={address!r} ({first_line(error)}); use --local for "
                     f"single-node mode, or `orchestrator submit` to send the job to a cluster"
                 ) from None
         try:

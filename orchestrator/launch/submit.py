@@ -26,7 +26,7 @@ from typing import Any, Callable
 import yaml
 
 import orchestrator
-from orchestrator.errors import JobSpecError, redact
+from orchestrator.errors import JobSpecError, first_line
 from orchestrator.launch.cluster_client import Cluster, ClusterError, connect, shortfall
 from orchestrator.plan import cluster_needs, worker_resources
 from orchestrator.spec import JobSpec, spec_to_yaml
@@ -173,7 +173,7 @@ def _submit_when_an_agent_is_up(cluster: Cluster, echo, **job) -> None:
             return
         except Exception as error:  # Ray raises RuntimeError with the server's text (e.g. a bad runtime env)
             if NO_AGENT_YET not in str(error) or time.monotonic() > deadline:
-                raise ClusterError(f"cluster {cluster.url} refused the job: {_first_line(error)}") from None
+                raise ClusterError(f"cluster {cluster.url} refused the job: {first_line(error)}") from None
             if attempt == 0:
                 echo(f"the cluster has no job agent yet (a head that just started); waiting up to {AGENT_WAIT_S} s")
             time.sleep(AGENT_RETRY_S)
@@ -187,7 +187,7 @@ def _warn_if_it_does_not_fit(cluster: Cluster, spec: JobSpec, echo) -> None:
     try:
         total, per_node = cluster.resources()
     except Exception as error:
-        echo(f"note: could not read the cluster's resources ({_first_line(error)}); not checking that the job fits")
+        echo(f"note: could not read the cluster's resources ({first_line(error)}); not checking that the job fits")
         return
     problem = shortfall(cluster_needs(spec), worker_resources(spec), spec.scaling.num_workers, total, per_node)
     if problem:
@@ -230,7 +230,7 @@ def job_info(cluster: Cluster, submission_id: str):
     except Exception as error:
         if "404" in str(error) or "does not exist" in str(error):
             raise ClusterError(f"no job {submission_id!r} on cluster {cluster.url} (`orchestrator list` shows them)") from None
-        raise ClusterError(f"cluster {cluster.url}: {_first_line(error)}") from None
+        raise ClusterError(f"cluster {cluster.url}: {first_line(error)}") from None
 
 
 def stop(cluster: Cluster, submission_id: str, wait_s: float = 30, echo=print) -> str:
@@ -250,7 +250,7 @@ def list_jobs(cluster: Cluster, show_all: bool = False) -> list[dict[str, Any]]:
     try:
         jobs = cluster.client.list_jobs()
     except Exception as error:
-        raise ClusterError(f"cluster {cluster.url}: {_first_line(error)}") from None
+        raise ClusterError(f"cluster {cluster.url}: {first_line(error)}") from None
     rows = []
     for job in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
         metadata = job.metadata or {}
@@ -284,9 +284,3 @@ def _took(start_ms: int | None, end_ms: int | None) -> str:
         return "-"
     seconds = ((end_ms or time.time() * 1000) - start_ms) / 1000
     return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
-
-
-def _first_line(error: BaseException) -> str:
-    """The error's first line, redacted (servers echo requests, and a URL may carry credentials)."""
-    text = str(error).strip().splitlines()
-    return redact(text[0] if text else type(error).__name__)

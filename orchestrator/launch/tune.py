@@ -19,15 +19,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import tracking
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.run import build_trainer, worker_config
 from orchestrator.launch.runtime import ray_runtime, storage_for
-from orchestrator.search_space import trial_count
-from orchestrator.spec import JobSpec, spec_to_yaml, trial_raw, validate_spec
+from orchestrator.plan import build_plan
+from orchestrator.results import tracking
+from orchestrator.search import trial_count, trial_raw
+from orchestrator.spec import JobSpec, spec_to_yaml, validate_spec
 from orchestrator.storage.fs import open_storage
-from orchestrator.storage.layout import RunLayout
+from orchestrator.storage.layout import trial_layout
 
 # A trial's own driver needs almost nothing; {"CPU": 0} is refused by Tune.
 _TRIAL_DRIVER_CPU = 0.01
@@ -66,22 +67,24 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     spec = validate_spec(trial_raw(context["base"], values), source=f"trial {values}")
     trial_id = tune.get_context().get_trial_id()
     storage = open_storage(context["storage_uri"], spec.storage.endpoint_url)
-    layout = RunLayout(storage, f"{context['search']}/trials", trial_id, root="tune")
+    layout = trial_layout(storage, context["search"], trial_id)
     if not storage.exists(layout.spec):
         storage.write_text(layout.spec, spec_to_yaml(spec))
         storage.write_text(layout.file("params.json"), json.dumps(values, indent=2))
-    config = worker_config(spec, layout, context["storage_uri"], context["resolved"])
+    # The trial's own plan: a search may vary what the DeepSpeed config depends on (batch, ZeRO stage).
+    config = worker_config(spec, layout, context["storage_uri"], context["resolved"], build_plan(spec).deepspeed)
     build_trainer(spec, config, layout, storage, callbacks=(TuneReportCallback(),)).fit()
 
 
 def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print) -> TuneResult:
     """Run (or resume) the spec's search; returns the leaderboard, best first."""
-    from orchestrator.launch.leaderboard import publish
+    from orchestrator.results.leaderboard import publish
 
     if spec.tune is None:
         raise JobSpecError("tune: this job has no tune section (a search space, num_samples, scheduler)")
     tracker = tracking.connect(spec)  # a missing MLflow or an unreachable server fails before anything runs
     resolved = preflight(spec)
+    build_plan(spec)  # as run does: refuse a DeepSpeed config that would change the algorithm, before Ray starts
     search = spec.tune.name or spec.name
     with storage_for(spec, local, echo) as storage_uri:
         storage = open_storage(storage_uri, spec.storage.endpoint_url)

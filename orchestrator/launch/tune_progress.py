@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray import tune
 
+from orchestrator.results.text import sampled_values
 
 # Tune pickles its callbacks with the search state and restores them on --resume: the callback must
 # not hold the console itself, or a resumed search would print into the previous session's sink.
@@ -23,7 +24,7 @@ class SearchProgress(tune.Callback):
         _sink[0](line)
 
     def _params(self, trial) -> str:
-        return ", ".join(f"{self.keys.get(k, k)}={_short(v)}" for k, v in (trial.config or {}).items())
+        return sampled_values({self.keys.get(k, k): v for k, v in (trial.config or {}).items()})
 
     def _counts(self, trials) -> str:
         statuses = [t.status for t in trials]
@@ -50,7 +51,3 @@ class SearchProgress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.echo(f"trial {trial.trial_id} failed | {self._counts(trials)}")
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 
-from orchestrator.errors import StorageError
+from orchestrator.errors import StorageError, first_line
 
 
 def _endpoint(explicit: str | None) -> str | None:
@@ -89,22 +91,35 @@ class Storage:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.read_bytes(posixpath.join(remote_dir, relative)))
 
-    def check_writable(self) -> None:
-        """Write and delete a marker so bad buckets or credentials fail before any work starts."""
-        marker = self.path(f".orchestrator-write-check-{uuid.uuid4().hex[:8]}")
+    @contextmanager
+    def errors_in_one_line(self) -> Iterator[None]:
+        """Any error of the block as one StorageError line naming this storage."""
         try:
-            bucket = self.root.split("/", 1)[0]
-            # Some S3 servers create a bucket on first write; a typo must not silently do that.
-            if "s3" in self.fs.protocol:
-                self.fs.call_s3("head_bucket", Bucket=bucket)
-            self.fs.pipe_file(marker, b"ok")
-            self.fs.rm_file(marker)
+            yield
         except Exception as error:  # s3fs raises many types; all mean the same to the user
             raise StorageError(f"storage {self.uri}: {describe_storage_error(error)}") from None
 
+    def check_readable(self) -> None:
+        """Fail in one line, before any reading, when the bucket (or directory) is missing or out of reach."""
+        with self.errors_in_one_line():
+            if "s3" in self.fs.protocol:
+                self.fs.call_s3("head_bucket", Bucket=self.root.split("/", 1)[0])
+            elif not self.fs.isdir(self.root):
+                raise FileNotFoundError(self.root)
+
+    def check_writable(self) -> None:
+        """Write and delete a marker so bad buckets or credentials fail before any work starts."""
+        marker = self.path(f".orchestrator-write-check-{uuid.uuid4().hex[:8]}")
+        with self.errors_in_one_line():
+            # Some S3 servers create a bucket on first write; a typo must not silently do that.
+            if "s3" in self.fs.protocol:
+                self.fs.call_s3("head_bucket", Bucket=self.root.split("/", 1)[0])
+            self.fs.pipe_file(marker, b"ok")
+            self.fs.rm_file(marker)
+
 
 def describe_storage_error(error: Exception) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     if isinstance(error, PermissionError):
         return f"access denied — check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({text})"
     if isinstance(error, FileNotFoundError) or "404" in text or "Not Found" in text:

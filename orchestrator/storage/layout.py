@@ -1,4 +1,5 @@
-"""Where a run's files live: runs/<job>/<run-id>/{spec.yaml, metrics.jsonl, checkpoints/, adapter/, manifest.json}."""
+"""Where a run's files live: runs/<job>/<run-id>/{spec.yaml, metrics.jsonl, checkpoints/, adapter/, manifest.json}
+(a search trial's: tune/<search>/trials/<trial-id>/, the same files)."""
 
 from __future__ import annotations
 
@@ -73,8 +74,24 @@ class RunLayout:
         return [step for step in reversed(self.checkpoint_steps()) if is_complete(self.storage, self.checkpoint(step))]
 
     @property
+    def path(self) -> str:
+        """Relative to the storage root, as `orchestrator runs` prints it and show/compare/export take it."""
+        return f"{self.root}/{self.job}/{self.run_id}"
+
+    @property
     def uri(self) -> str:
-        return f"{self.storage.uri}/{self.root}/{self.job}/{self.run_id}"
+        return f"{self.storage.uri}/{self.path}"
+
+
+def trial_layout(storage: Storage, search: str, trial_id: str) -> RunLayout:
+    """A search trial is stored as a run, at tune/<search>/trials/<trial-id>."""
+    return RunLayout(storage, f"{search}/trials", trial_id, root="tune")
+
+
+def result_layout(storage: Storage, path: str) -> RunLayout:
+    """The run or trial at `path`: runs/<job>/<run-id> or tune/<search>/trials/<trial-id> (as split_result_uri gives it)."""
+    parts = path.split("/")
+    return trial_layout(storage, parts[1], parts[3]) if parts[0] == "tune" else RunLayout(storage, parts[1], parts[2])
 
 
 def job_run_ids(storage: Storage, job: str) -> list[str]:

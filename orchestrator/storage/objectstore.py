@@ -12,13 +12,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from orchestrator.builtin import cache_home
 from orchestrator.errors import StorageError
 
 DEFAULT_BUCKET = "orchestrator"
+# Local mode's storage: the embedded store's bucket, where runs go when the spec names no storage.
+DEFAULT_STORAGE = f"s3://{DEFAULT_BUCKET}"
 # Every listener `weed mini` opens; each gets a free loopback port so several servers can coexist.
 _PORT_FLAGS = (
     "s3.port", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -209,3 +212,42 @@ class EmbeddedObjectStore:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def local_store_dir() -> Path:
+    """Where local mode's store keeps its data: ORCHESTRATOR_STORE_DIR, else <ORCHESTRATOR_HOME>/store."""
+    return Path(os.environ.get("ORCHESTRATOR_STORE_DIR") or cache_home() / "store")
+
+
+@contextmanager
+def embedded_store(echo: Callable[[str], None] | None = print, *, data_dir: str | Path | None = None,
+                   alongside: AbstractContextManager | None = None,
+                   wait_for_stop: bool = False) -> Iterator[EmbeddedObjectStore]:
+    """Serve local mode's object store (in `data_dir`, default local_store_dir()) for the block, its
+    credentials exported so that processes started inside inherit them. The one way to start it.
+
+    `alongside` (Ray's start) is entered as soon as the server's endpoint and credentials are known,
+    while it comes up, and left before the server is asked to stop. The block does not wait for that
+    stop unless `wait_for_stop` (see EmbeddedObjectStore.stop)."""
+    store = EmbeddedObjectStore(data_dir or local_store_dir())
+    store.launch()
+    try:
+        with exported_env(store.env()), alongside or nullcontext():
+            store.wait_until_serving()
+            if echo is not None:
+                echo(f"embedded object store: {store.endpoint_url} (data in {store.data_dir})")
+            yield store
+    finally:
+        store.stop(wait=wait_for_stop)
+
+
+def uses_embedded_store(uri: str, endpoint_url: str | None) -> bool:
+    """A local-mode URI (s3://orchestrator/…) with no other S3 endpoint configured."""
+    return (uri == DEFAULT_STORAGE or uri.startswith(f"{DEFAULT_STORAGE}/")) and not (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+def embedded_store_for(uri: str, endpoint_url: str | None, echo: Callable[[str], None] | None = print) -> AbstractContextManager:
+    """embedded_store() for a block that reads or writes `uri`, when that is local mode's store; else nothing."""
+    return embedded_store(echo) if uses_embedded_store(uri, endpoint_url) else nullcontext()

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import tempfile
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 DEEPSPEED_TAG = "state"
-
-
 ADAPTER_FLAG = "orchestrator_adapter"
 
 
@@ -55,7 +57,24 @@ def save_adapter(model, directory: Path, zero3: bool, is_writer: bool, export) -
               str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def save_training_state(engine, directory: Path, rank: int, trainer_state: dict) -> None:
+@dataclass
+class TrainerState:
+    """Where training stands: optimizer steps done and tokens trained on (all workers). Saved in every
+    checkpoint as trainer_state.json, {"step": …, "tokens": …}."""
+
+    step: int = 0
+    tokens: int = 0
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerState":
+        data = json.loads(text)
+        return cls(step=data["step"], tokens=data.get("tokens", 0))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def save_training_state(engine, directory: Path, rank: int, trainer_state: TrainerState) -> None:
     """Engine (optimizer shards, LR scheduler) and RNG state for an exact resume. Collective."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     rng_dir = directory / "rng"
@@ -65,11 +84,11 @@ def save_training_state(engine, directory: Path, rank: int, trainer_state: dict)
         rng_dir / f"rank-{rank}.pt",
     )
     if rank == 0:
-        (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (directory / "trainer_state.json").write_text(trainer_state.to_json())
 
 
-def load_training_state(engine, directory: Path, rank: int) -> dict:
-    """Restore what save_training_state wrote; returns the trainer state (step, tokens, …)."""
+def load_training_state(engine, directory: Path, rank: int) -> TrainerState:
+    """Restore what save_training_state wrote; returns the trainer state."""
     engine.load_checkpoint(
         str(directory / "deepspeed"), tag=DEEPSPEED_TAG, load_module_strict=False,
         load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -80,4 +99,35 @@ def load_training_state(engine, directory: Path, rank: int) -> dict:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-    return json.loads((directory / "trainer_state.json").read_text())
+    return TrainerState.from_json((directory / "trainer_state.json").read_text())
+
+
+@dataclass
+class Checkpointer:
+    """One worker's checkpoints: what every save shares (engine, the run's storage, rank, ZeRO-3, the
+    method's export) and the local copy of the latest one, which the run's end publishes its adapter from."""
+
+    engine: Any
+    run: Any  # storage_io.RunStorage: uploads through Ray, then writes the manifest
+    rank: int
+    zero3: bool
+    export: Callable
+    last_dir: Optional[Path] = None
+
+    def save(self, state: TrainerState, metrics: dict, history: list[dict]) -> Path:
+        """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective.
+        Synchronous on purpose: "checkpoint saved" means the checkpoint is complete in storage, so a
+        failure right after it resumes from it (a background upload lost it in CI; see docs/benchmarks.md)."""
+        self.discard()
+        local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{state.step}-rank{self.rank}-"))
+        save_adapter(self.engine.module, local / "adapter", zero3=self.zero3, is_writer=self.rank == 0, export=self.export)
+        save_training_state(self.engine, local, self.rank, state)
+        self.run.report_checkpoint(local, state.step, metrics, history, self.rank)
+        self.last_dir = local
+        return local
+
+    def discard(self) -> None:
+        """Remove the local copy of the latest checkpoint (it is in storage)."""
+        if self.last_dir is not None:
+            shutil.rmtree(self.last_dir, ignore_errors=True)
+            self.last_dir = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from orchestrator.plan import deepspeed_config
 from orchestrator.spec import JobSpec
@@ -26,11 +27,13 @@ def prepare_deepspeed(use_gpu: bool) -> None:
         deepspeed.ops.__compatible_ops__[op_name] = False
 
 
-def build_engine(model, optimizer, spec: JobSpec, lr_scheduler=None):
-    """`deepspeed.initialize` with the spec's DeepSpeed config."""
+def build_engine(model, optimizer, spec: JobSpec, lr_scheduler=None, ds_config: dict[str, Any] | None = None):
+    """`deepspeed.initialize` with the plan's DeepSpeed config (`ds_config`, as the driver built it for
+    the workers); without one, the spec's, built here (in-process callers, tests, benchmarks)."""
     prepare_deepspeed(spec.scaling.use_gpu)  # before DeepSpeed's import in a process that has not set it up
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                      config=deepspeed_config(spec))
+    if ds_config is None:
+        ds_config = deepspeed_config(spec)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config)
     return engine

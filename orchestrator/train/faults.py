@@ -1,9 +1,11 @@
 """Fault injection for reliability tests: make rank 0 fail, or pause, once after a given step of a given run.
 
 Off unless ORCHESTRATOR_FAULTS names a JSON file {run id or pattern: step | {"pause_s": seconds, "step": step}}.
-Each entry fires once (it is removed first), so a restarted worker group trains on: that is the point of
-the test. A pause writes `<file>.paused` (run id and step) so that a test can strike while the run
-stands still: kill a worker or the driver, or stop the object store.
+The loop asks `hook_for` once, at start: without the variable (production) there is no hook and the loop
+does nothing per step. With it, rank 0 reads the file after every step (a test may schedule a fault
+while the run goes on). Each entry fires once (it is removed first), so a restarted worker group trains
+on: that is the point of the test. A pause writes `<file>.paused` (run id and step) so that a test can
+strike while the run stands still: kill a worker or the driver, or stop the object store.
 """
 
 from __future__ import annotations
@@ -13,23 +15,34 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable, Optional
+
+ENV_VAR = "ORCHESTRATOR_FAULTS"
 
 
 class InjectedFault(RuntimeError):
     pass
 
 
-def maybe_fail(run_id: str, step: int, rank: int) -> None:
-    path = os.environ.get("ORCHESTRATOR_FAULTS")
-    if not path or rank != 0 or not Path(path).exists():
+def hook_for(run_id: str, rank: int) -> Optional[Callable[[int], None]]:
+    """`after_step(step)` for this worker, or None when no faults can be scheduled (the variable is unset, or
+    the worker is not rank 0)."""
+    path = os.environ.get(ENV_VAR)
+    if not path or rank != 0:
+        return None
+    return lambda step: _fire_scheduled(Path(path), run_id, step)
+
+
+def _fire_scheduled(path: Path, run_id: str, step: int) -> None:
+    if not path.exists():
         return
-    faults = json.loads(Path(path).read_text() or "{}")
+    faults = json.loads(path.read_text() or "{}")
     # Keys are run ids or shell patterns (a search trial's id is only known once it runs).
     key = next((k for k, at in faults.items() if _step(at) == step and fnmatch.fnmatchcase(run_id, k)), None)
     if key is None:
         return
     fault = faults.pop(key)
-    Path(path).write_text(json.dumps(faults))
+    path.write_text(json.dumps(faults))
     if isinstance(fault, dict):
         Path(f"{path}.paused").write_text(json.dumps({"run_id": run_id, "step": step}))
         time.sleep(fault["pause_s"])

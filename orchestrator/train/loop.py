@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import shutil
-import tempfile
 import time
 import warnings
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,31 +18,86 @@ from orchestrator.adapters.registry import peft_export
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
 from orchestrator.train import faults, storage_io
-from orchestrator.train.checkpoint import save_adapter, save_training_state
+from orchestrator.train.checkpoint import Checkpointer, TrainerState
 from orchestrator.train.engine import build_engine, prepare_deepspeed
-from orchestrator.train.optim import check_rates, expected_rates, make_optimizer
-from orchestrator.train.model import build_adapted_model, frozen_weights_checksum, load_tokenizer
+from orchestrator.train.measure import LossWindow, evaluate, probe_logits
+from orchestrator.train.model import ParameterCounts, build_adapted_model, frozen_weights_checksum, load_tokenizer
+from orchestrator.train.optim import check_rates, expected_rates, make_optimizer, rate_metrics
+
+
+@dataclass
+class Worker:
+    """One worker, set up: what the loop reads at every step, built once."""
+
+    spec: JobSpec
+    rank: int
+    world: int
+    run: storage_io.RunStorage
+    emit: Callable[..., None]  # a progress event for the driver's console (rank 0's; a no-op elsewhere)
+    pad_id: int
+    train_set: list
+    evaluation: list  # this worker's evaluation batches
+    probe_example: Any  # the example whose final logits the run publishes
+    counts: ParameterCounts
+    base_checksum: Optional[str]  # of the frozen base before training (rank 0's)
+    engine: Any
+    built_rates: list[tuple[str, float]]  # (optimizer group, base learning rate) as built
+    checkpoints: Checkpointer
+    # The adapter method's per-step work (Delta-LoRA's snapshot), and a test's fault injection: None
+    # when there is none, so production pays one `if` per step for each.
+    before_step: Optional[Callable[[int], None]]
+    after_step: Optional[Callable[[int], None]]
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config` holds the validated spec, resolved paths and run identity."""
+    """Ray Train entry point. `config` holds the validated spec, the plan's DeepSpeed config, resolved
+    paths and the run's identity (launch/run.py's worker_config)."""
     worker_started = time.perf_counter()
-    # Progress reaches the console through the driver; per-report INFO lines would drown it.
-    for noisy in ("botocore", "aiobotocore", "s3fs"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_ray_report_log()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    worker = set_up(config)
+    spec, engine = worker.spec, worker.engine
+    start_step, history = worker.run.resume(engine, worker.rank, worker.world)
+    state = TrainerState(step=start_step, tokens=history[-1]["tokens"] if history else 0)
+    schedule = data_lib.BatchSchedule(len(worker.train_set), spec.train.batch_size, spec.train.grad_accum,
+                                      worker.world, worker.rank, spec.train.seed)
+    window = LossWindow()
+    run_started = time.perf_counter()
+
+    engine.train()
+    for step in range(start_step, spec.train.max_steps):
+        if worker.before_step:
+            worker.before_step(step)
+        for micro_step in range(spec.train.grad_accum):
+            batch = data_lib.collate([worker.train_set[i] for i in schedule.indices(step, micro_step)], worker.pad_id)
+            window.tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            loss = engine(**{key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}).loss
+            engine.backward(loss)
+            engine.step()
+            window.add(loss)
+        if step == start_step:  # and once more after a real step: the scheduler has run by now
+            check_rates(engine.optimizer, worker.built_rates)
+            # tells the user (and bench/) that start-up is over, without a collective
+            worker.emit(event="first_step", step=step + 1, worker_s=time.perf_counter() - worker_started)
+        state.step = step + 1
+        log_step(worker, state, window, history, schedule.epoch(state.step), start_step, run_started)
+        if worker.after_step:
+            worker.after_step(state.step)
+
+    finish(worker, start_step, history, run_started)
+
+
+def set_up(config: dict[str, Any]) -> Worker:
+    """Model + adapter, data, DeepSpeed engine and the per-step hooks of this worker."""
+    _quiet_logs()
     spec = JobSpec.model_validate(config["spec"])
-    prepare_deepspeed(spec.scaling.use_gpu)
+    prepare_deepspeed(spec.scaling.use_gpu)  # before anything imports DeepSpeed: it picks its accelerator then
+    import ray.train
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    import ray.train
-
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     run = storage_io.RunStorage.open(config)
-    progress = config.get("progress")
+    progress = config.get("progress") if rank == 0 else None
 
     torch.manual_seed(spec.train.seed)
     tokenizer = load_tokenizer(config["model_path"], spec.model.trust_remote_code)
@@ -55,91 +108,75 @@ def train_loop(config: dict[str, Any]) -> None:
         train_set, eval_set = prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
 
     optimizer = make_optimizer(model, spec)
-    scheduler = make_scheduler(optimizer, spec)
     built_rates = expected_rates(optimizer)
-    engine = build_engine(model, optimizer, spec, lr_scheduler=scheduler)
+    engine = build_engine(model, optimizer, spec, lr_scheduler=make_scheduler(optimizer, spec), ds_config=config["deepspeed"])
     check_rates(engine.optimizer, built_rates)
     zero3 = spec.deepspeed.zero_stage == 3
     method = get_method(spec.adapter.method)
     export = functools.partial(method.export or peft_export, spec=spec.adapter)
-    if rank == 0:
-        _emit(progress, event="start", counts=str(counts), trainable=counts.trainable, total=counts.total,
-              train_examples=len(train_set), eval_examples=len(eval_set))
+    worker = Worker(
+        spec=spec, rank=rank, world=world, run=run, emit=functools.partial(_emit, progress), pad_id=tokenizer.pad_token_id,
+        train_set=train_set, probe_example=(eval_set or train_set)[0],
+        evaluation=data_lib.eval_batches(eval_set, spec.train.batch_size, spec.train.eval_batches, world, rank),
+        counts=counts, base_checksum=base_checksum, engine=engine, built_rates=built_rates,
+        checkpoints=Checkpointer(engine, run, rank, zero3, export),
+        before_step=method.step_hook(engine.module, spec.adapter, zero3),
+        after_step=faults.hook_for(config["run_id"], rank),  # None unless a test schedules faults
+    )
+    worker.emit(event="start", counts=str(counts), trainable=counts.trainable, total=counts.total,
+                train_examples=len(train_set), eval_examples=len(eval_set))
+    return worker
 
-    start_step, history = run.resume(engine, rank, world)
-    trainer_state = {"step": start_step, "tokens": history[-1]["tokens"] if history else 0}
-    schedule = data_lib.BatchSchedule(len(train_set), spec.train.batch_size, spec.train.grad_accum, world, rank, spec.train.seed)
-    evaluation = data_lib.eval_batches(eval_set, spec.train.batch_size, spec.train.eval_batches, world, rank)
-    pad_id = tokenizer.pad_token_id
-    window = {"loss_sum": 0.0, "micro_steps": 0, "tokens": 0, "started": time.perf_counter()}
-    run_started = time.perf_counter()
-    last_checkpoint_dir = None
 
-    engine.train()
-    for step in range(start_step, spec.train.max_steps):
-        if method.before_step is not None:
-            method.before_step(engine.module, spec.adapter, step, zero3)
-        for micro_step in range(spec.train.grad_accum):
-            batch = data_lib.collate([train_set[i] for i in schedule.indices(step, micro_step)], pad_id)
-            window["tokens"] += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
-            batch = {key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            # Kept on the device until the next log: `.item()` here would wait for the GPU every step.
-            window["loss_sum"] += loss.detach().double()
-            window["micro_steps"] += 1
-        if step == start_step:  # and once more after a real step: the scheduler has run by now
-            check_rates(engine.optimizer, built_rates)
-            if rank == 0:  # tells the user (and bench/) that start-up is over, without a collective
-                _emit(progress, event="first_step", step=step + 1, worker_s=time.perf_counter() - worker_started)
-        done = step + 1
-        is_last = done == spec.train.max_steps
-        eval_due = is_last or (spec.train.eval_every and done % spec.train.eval_every == 0)
-        checkpoint_due = is_last or (spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0)
-        log_due = eval_due or checkpoint_due or done % spec.train.log_every == 0
-        # ray.train.report synchronises with the controller (about 1 s each on 2 cores): report to Ray
-        # (and Tune's schedulers) only at evaluations and checkpoints; the console gets every log.
-        if not log_due:
-            continue
-        metrics = _window_metrics(window, engine.device)
-        trainer_state["step"], trainer_state["tokens"] = done, trainer_state["tokens"] + metrics.pop("tokens")
-        rates = dict(zip((name for name, _ in built_rates), engine.get_lr()))
-        metrics.update(step=done, tokens=trainer_state["tokens"], epoch=schedule.epoch(done), lr=engine.get_lr()[0])
-        if "B" in rates:  # LoRA+
-            metrics["lr_B"] = rates["B"]
-        if eval_due:
-            metrics["eval_loss"] = evaluate(engine, evaluation, pad_id)
-        history.append(metrics)
-        if rank == 0:
-            _emit(progress, event="step", max_steps=spec.train.max_steps, elapsed=time.perf_counter() - run_started,
-                  start_step=start_step, **metrics)
-        if checkpoint_due:
-            if last_checkpoint_dir is not None:
-                shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
-            blocking_started = time.perf_counter()
-            last_checkpoint_dir = checkpoint(engine, run, done, metrics, trainer_state, history, rank, zero3, export)
-            if rank == 0:
-                _emit(progress, event="checkpoint", step=done, uri=run.layout.uri + f"/checkpoints/step-{done:08d}",
-                      blocked_s=time.perf_counter() - blocking_started)
-        elif eval_due:
-            ray.train.report(metrics)
-        faults.maybe_fail(config["run_id"], done, rank)
+def log_step(worker: Worker, state: TrainerState, window: LossWindow, history: list[dict], epoch: float,
+             start_step: int, run_started: float) -> None:
+    """After a step that is due to log, evaluate or checkpoint: its metrics to the console, Ray (and Tune's
+    schedulers) and storage. Collective."""
+    import ray.train
 
-    base_checksum_after = frozen_weights_checksum(engine.module, zero3=zero3)
-    probe = probe_logits(engine, (eval_set or train_set)[0], pad_id)
-    if rank == 0:
+    train, done, engine = worker.spec.train, state.step, worker.engine
+    is_last = done == train.max_steps
+    eval_due = is_last or (train.eval_every and done % train.eval_every == 0)
+    checkpoint_due = is_last or (train.checkpoint_every and done % train.checkpoint_every == 0)
+    # ray.train.report synchronises with the controller (about 1 s each on 2 cores): report to Ray
+    # (and Tune's schedulers) only at evaluations and checkpoints; the console gets every log.
+    if not (eval_due or checkpoint_due or done % train.log_every == 0):
+        return
+    metrics = window.drain(engine.device)
+    state.tokens += metrics.pop("tokens")
+    metrics.update(step=done, tokens=state.tokens, epoch=epoch, **rate_metrics(worker.built_rates, engine.get_lr()))
+    if eval_due:
+        metrics["eval_loss"] = evaluate(engine, worker.evaluation, worker.pad_id)
+    history.append(metrics)
+    worker.emit(event="step", max_steps=train.max_steps, elapsed=time.perf_counter() - run_started,
+                start_step=start_step, **metrics)
+    if checkpoint_due:
+        blocking_started = time.perf_counter()
+        worker.checkpoints.save(state, metrics, history)
+        worker.emit(event="checkpoint", step=done, uri=worker.run.layout.uri + f"/checkpoints/step-{done:08d}",
+                    blocked_s=time.perf_counter() - blocking_started)
+    elif eval_due:
+        ray.train.report(metrics)
+
+
+def finish(worker: Worker, start_step: int, history: list[dict], run_started: float) -> None:
+    """Check the frozen base, probe the final logits, and (rank 0) publish the adapter, summary and run
+    manifest. Collective."""
+    spec, engine = worker.spec, worker.engine
+    base_checksum_after = frozen_weights_checksum(engine.module, zero3=worker.checkpoints.zero3)
+    probe = probe_logits(engine, worker.probe_example, worker.pad_id)
+    if worker.rank == 0:
+        counts = worker.counts
         summary = {
             "status": "complete", "steps": spec.train.max_steps, "resumed_from_step": start_step,
             "trainable_parameters": counts.trainable, "total_parameters": counts.total,
-            "trainable_percent": counts.percent, "base_checksum_before": base_checksum,
-            "base_checksum_after": base_checksum_after, "base_unchanged": base_checksum == base_checksum_after,
+            "trainable_percent": counts.percent, "base_checksum_before": worker.base_checksum,
+            "base_checksum_after": base_checksum_after, "base_unchanged": worker.base_checksum == base_checksum_after,
             "final": history[-1] if history else {}, "wall_seconds": time.perf_counter() - run_started,
         }
-        run.finish(last_checkpoint_dir, max(start_step, spec.train.max_steps), summary, probe)
-        _emit(progress, event="done", adapter_uri=run.layout.uri + "/adapter", summary=summary)
-    if last_checkpoint_dir is not None:
-        shutil.rmtree(last_checkpoint_dir, ignore_errors=True)
+        worker.run.finish(worker.checkpoints.last_dir, max(start_step, spec.train.max_steps), summary, probe)
+        worker.emit(event="done", adapter_uri=worker.run.layout.uri + "/adapter", summary=summary)
+    worker.checkpoints.discard()
 
 
 def prepare_data(spec: JobSpec, data_path: str, eval_data_path: str | None, tokenizer):
@@ -162,56 +199,6 @@ def make_scheduler(optimizer, spec: JobSpec):
     )
 
 
-def evaluate(engine, batches, pad_id: int) -> float:
-    """Token-weighted mean loss over every rank's evaluation batches."""
-    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
-    engine.eval()
-    with torch.no_grad():
-        for examples in batches:
-            batch = {k: v.to(engine.device) for k, v in data_lib.collate(examples, pad_id).items()}
-            label_tokens = int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
-            loss = engine(**batch).loss  # every rank runs every forward: a collective under ZeRO-3
-            if label_tokens:  # a padding batch (see eval_batches) counts nothing
-                totals[0] += loss.double() * label_tokens
-                totals[1] += label_tokens
-    engine.train()
-    dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
-
-
-def checkpoint(engine, run, step: int, metrics: dict, trainer_state: dict, history: list, rank: int, zero3: bool,
-               export) -> Path:
-    """Save adapter + engine state locally, upload through Ray, then write the manifest. Collective.
-    Synchronous on purpose: "checkpoint saved" means the checkpoint is complete in storage, so a
-    failure right after it resumes from it (a background upload lost it in CI; see docs/benchmarks.md)."""
-    local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{step}-rank{rank}-"))
-    save_adapter(engine.module, local / "adapter", zero3=zero3, is_writer=rank == 0, export=export)
-    save_training_state(engine, local, rank, dict(trainer_state))
-    run.report_checkpoint(local, step, metrics, history, rank)
-    return local
-
-
-def probe_logits(engine, example, pad_id: int) -> dict[str, torch.Tensor]:
-    """The trained model's logits at the last positions of one example, so anyone can check that the
-    exported adapter reproduces the trained model. Collective under ZeRO-3 (every rank runs it)."""
-    batch = {k: v.to(engine.device) for k, v in data_lib.collate([example], pad_id).items()}
-    engine.eval()
-    with torch.no_grad():
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return {"input_ids": batch["input_ids"][0].cpu(), "logits": logits[0, -4:].float().cpu()}
-
-
-def _window_metrics(window: dict, device) -> dict:
-    """Mean train loss and tokens/s since the last log, summed over all workers."""
-    totals = torch.tensor([0.0, window["micro_steps"], window["tokens"]], dtype=torch.float64, device=device)
-    totals[0] += window["loss_sum"]  # a device tensor (or 0.0 for an empty window)
-    dist.all_reduce(totals)
-    elapsed = max(time.perf_counter() - window["started"], 1e-9)
-    metrics = {"loss": float(totals[0] / totals[1]), "tokens_per_s": float(totals[2] / elapsed), "tokens": int(totals[2])}
-    window.update(loss_sum=0.0, micro_steps=0, tokens=0, started=time.perf_counter())
-    return metrics
-
-
 @contextlib.contextmanager
 def _node_leader_first(local_rank: int):
     """Local rank 0 tokenizes (and fills the node's dataset cache) before the node's other workers read it:
@@ -223,9 +210,13 @@ def _node_leader_first(local_rank: int):
         dist.barrier()
 
 
-def _quiet_ray_report_log() -> None:
-    """Ray Train logs every report at INFO (from a logger named by file path); the console already
-    shows our progress line for it. Internal to Ray, so absent modules are fine."""
+def _quiet_logs() -> None:
+    """Progress reaches the console through the driver; per-report INFO lines would drown it."""
+    for noisy in ("botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # Ray Train logs every report at INFO (from a logger named by file path); the console already
+    # shows our progress line for it. Internal to Ray, so absent modules are fine.
     try:
         from ray.train.v2._internal.execution import context as ray_train_context
 

@@ -67,6 +67,15 @@ def expected_rates(optimizer: torch.optim.Optimizer) -> list[tuple[str, float]]:
     return [(group["name"], group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
 
 
+def rate_metrics(expected: list[tuple[str, float]], current: list[float]) -> dict[str, float]:
+    """The learning rates a log line reports: `lr` (the first group's), and with LoRA+ `lr_B` as well."""
+    metrics = {"lr": current[0]}
+    rates = dict(zip((name for name, _ in expected), current))
+    if "B" in rates:
+        metrics["lr_B"] = rates["B"]
+    return metrics
+
+
 def check_rates(engine_optimizer, expected: list[tuple[str, float]]) -> None:
     """Raise unless the engine's optimizer still has every group with its base learning rate."""
     groups = engine_optimizer.param_groups

@@ -56,7 +56,7 @@ class RunStorage:
                 # A torn or corrupted checkpoint is skipped by every rank together.
                 if _all_ranks_agree(intact):
                     state = load_training_state(engine, local, rank)
-                    return state["step"], [m for m in self.read_metrics() if m["step"] <= state["step"]]
+                    return state.step, [m for m in self.read_metrics() if m["step"] <= state.step]
             finally:
                 shutil.rmtree(local, ignore_errors=True)
         return 0, []

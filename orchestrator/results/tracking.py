@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from orchestrator.builtin import cache_home
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, first_line
 
 if TYPE_CHECKING:
-    from orchestrator.launch.results import RunRecord
+    from orchestrator.results.records import RunRecord
     from orchestrator.spec import JobSpec
     from orchestrator.storage.layout import RunLayout
 
@@ -74,7 +74,7 @@ def connect(spec: "JobSpec") -> MlflowTarget | None:
         raise OrchestratorError(f"tracking.mlflow: the store {uri} needs the {error.name} package; "
                                 f"pip install 'orchestrator[mlflow]'") from None
     except Exception as error:
-        raise OrchestratorError(f"tracking.mlflow: cannot use MLflow at {uri} ({_first_line(error)})") from None
+        raise OrchestratorError(f"tracking.mlflow: cannot use MLflow at {uri} ({first_line(error, with_type=True)})") from None
 
 
 def _client(uri: str):
@@ -94,7 +94,7 @@ def log_stored_run(target: MlflowTarget, run: "RunRecord", status: str | None = 
     MLflow run, created on first call; steps already there are not logged again. Returns the MLflow run id."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from orchestrator.launch.results import flat_settings
+    from orchestrator.results.records import flat_settings
 
     client = _client(target.tracking_uri)
     found = client.search_runs([target.experiment_id], filter_string=f"tags.`{RUN_URI_TAG}` = '{run.uri}'", max_results=1)
@@ -139,21 +139,21 @@ def logged_run(target: MlflowTarget | None, layout: "RunLayout", echo=print) -> 
         raise
     finally:
         try:
-            from orchestrator.launch.results import load_result
+            from orchestrator.results.records import load_result
 
-            run = load_result(layout.storage, f"{layout.root}/{layout.job}/{layout.run_id}")
+            run = load_result(layout.storage, layout.path)
             status = "FINISHED" if run.complete else "KILLED" if interrupted else "FAILED"
             mlflow_run = log_stored_run(target, run, status)
             echo(f"mlflow: run {mlflow_run} ({status.lower()}) in experiment {target.experiment!r} at {target.tracking_uri}")
         except Exception as error:
-            echo(f"mlflow: could not log run {layout.uri} ({_first_line(error)}); it is intact in storage")
+            echo(f"mlflow: could not log run {layout.uri} ({first_line(error, with_type=True)}); it is intact in storage")
 
 
 def tune_callbacks(target: MlflowTarget | None, keys: dict[str, str], search_uri: str) -> list:
     """Ray Tune's MLflow logger for a search (empty without tracking); `keys`: Tune's names → dotted spec paths."""
     if target is None:
         return []
-    from orchestrator.launch.tune_tracking import SearchMLflowLogger
+    from orchestrator.results.tune_tracking import SearchMLflowLogger
 
     return [SearchMLflowLogger(keys, target.tracking_uri, experiment_name=target.experiment,
                                tags={"orchestrator.search_uri": search_uri})]
@@ -172,8 +172,3 @@ def _is_number(value: Any) -> bool:
 
 def _param(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

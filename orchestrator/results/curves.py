@@ -68,3 +68,18 @@ def comparison_png(title: str, runs: Sequence[tuple[str, list[dict[str, Any]]]])
         (eval_axes if eval_axes.lines else train_axes).legend(fontsize=7)
     figure.suptitle(title)
     return _png(figure)
+
+
+def history_png(title: str, ylabel: str, series: Sequence[tuple[str, list[tuple[int, float]]]]) -> bytes:
+    """One metric of several runs, (step, value) points each, on one axis (a search's published curves.png)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=RUN_FIGURE_INCHES, dpi=DPI)
+    for label, points in series:
+        if points:
+            steps, values = zip(*points)
+            axes.plot(steps, values, marker="o", label=label)
+    axes.set(xlabel="step", ylabel=ylabel, title=title)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=7)
+    return _png(figure)

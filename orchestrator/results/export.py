@@ -9,37 +9,35 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import yaml
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.launch.results import split_result_uri
-from orchestrator.launch.runtime import embedded_store, uses_embedded_store
+from orchestrator.results.uri import is_search, served_storage, split_result_uri
 from orchestrator.spec import validate_spec
-from orchestrator.storage.fs import Storage, open_storage
-from orchestrator.storage.layout import RunLayout
+from orchestrator.storage.layout import RunLayout, result_layout
 from orchestrator.storage.manifest import hash_local_dir, read_manifest
 
 # The probe is computed in the training dtype; bf16 logits only match fp32 ones loosely.
 _PROBE_TOLERANCE = {False: 1e-4, True: 5e-2}
 
 
-def export(run_uri: str, out: str | Path, merged: bool = False, endpoint_url: str | None = None, echo=print) -> Path:
+def export(run_uri: str, out: str | Path, merged: bool = False, endpoint_url: str | None = None, echo=print, *,
+           storage_uri: str | None = None) -> Path:
     """`run_uri`: …/runs/<job>/<run-id> or a search trial, …/tune/<search>/trials/<trial-id> (or either path
-    relative to local mode's store, as `orchestrator runs` prints it)."""
-    storage_uri, path = split_result_uri(run_uri)
-    if path.count("/") == 1:  # tune/<search>
+    relative to `storage_uri`, default local mode's store, as `orchestrator runs` and `show` print it)."""
+    storage_uri, path = split_result_uri(run_uri, storage_uri)
+    if is_search(path):
         raise OrchestratorError(f"{run_uri}: a search, not a run; export one of its trials (…/{path}/trials/<trial-id>, "
                                 f"`orchestrator show {storage_uri}/{path}` lists them) or copy its best/adapter, already in PEFT format")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OrchestratorError(f"--out {out}: already exists and is not an empty directory")
-    serving = embedded_store(echo) if uses_embedded_store(storage_uri, endpoint_url) else nullcontext()
-    with serving, tempfile.TemporaryDirectory(prefix="orchestrator-export-") as scratch:
-        run_dir = _download_verified(_run_layout(open_storage(storage_uri, endpoint_url), path), Path(scratch) / "run")
+    with (served_storage(storage_uri, endpoint_url, echo, check=False) as storage,
+          tempfile.TemporaryDirectory(prefix="orchestrator-export-") as scratch):
+        run_dir = _download_verified(result_layout(storage, path), Path(scratch) / "run")
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent.resolve() if out.parent.exists() else None))
         try:
             if merged:
@@ -54,14 +52,6 @@ def export(run_uri: str, out: str | Path, merged: bool = False, endpoint_url: st
             shutil.rmtree(staging, ignore_errors=True)
     echo(f"exported {'merged model' if merged else 'adapter'} of {run_uri} to {out}")
     return out
-
-
-def _run_layout(storage: Storage, path: str) -> RunLayout:
-    """runs/<job>/<run-id>, or tune/<search>/trials/<trial-id>: a trial is stored as a run (launch/tune.py)."""
-    parts = path.split("/")
-    if parts[0] == "tune":
-        return RunLayout(storage, f"{parts[1]}/trials", parts[3], root="tune")
-    return RunLayout(storage, parts[1], parts[2])
 
 
 def _download_verified(layout: RunLayout, local: Path) -> Path:

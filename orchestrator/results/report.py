@@ -19,14 +19,16 @@ import yaml
 
 from orchestrator.builtin import cache_home
 from orchestrator.errors import OrchestratorError
-from orchestrator.launch.curves import comparison_png, run_curves_png
-from orchestrator.launch.results import (
-    DEFAULT_STORAGE, Record, RunRecord, SearchRecord, flat_settings, list_results, load_result, matches,
-    parse_since, served_storage, split_result_uri,
+from orchestrator.results.curves import comparison_png, run_curves_png
+from orchestrator.results.records import (
+    Record, RunRecord, SearchRecord, flat_settings, list_results, load_result, matches, parse_since,
 )
+from orchestrator.results.text import sampled_values, short
+from orchestrator.results.uri import served_storage, split_result_uri
 from orchestrator.storage.fs import describe_storage_error
 from orchestrator.storage.layout import checkpoint_dir_name
 from orchestrator.storage.manifest import read_manifest
+from orchestrator.storage.objectstore import DEFAULT_STORAGE
 
 # Columns `compare` always shows; every other spec field appears only where the runs differ.
 _SHOWN_SETTINGS = ("adapter.method", "adapter.r", "optim.lora_plus_ratio", "optim.lr", "train.max_steps")
@@ -169,15 +171,15 @@ def run_details(report: Report) -> list[tuple[str, str]]:
     """(label, text) lines of `orchestrator show` for a run or trial; the spec comes last, as YAML."""
     run: RunRecord = report.record  # type: ignore[assignment]
     summary = run.summary or {}
-    method = [run.method] + [f"{key} {_short(run.setting('adapter.' + key))}" for key in ("r", "alpha") if run.setting("adapter." + key) is not None]
+    method = [run.method] + [f"{key} {short(run.setting('adapter.' + key))}" for key in ("r", "alpha") if run.setting("adapter." + key) is not None]
     if run.setting("optim.lora_plus_ratio") is not None:
         method.append(f"LoRA+ ratio {run.setting('optim.lora_plus_ratio'):g}")
-    method += [f"lr {_short(run.setting('optim.lr'))}", f"ZeRO-{run.setting('deepspeed.zero_stage', '?')}",
+    method += [f"lr {short(run.setting('optim.lr'))}", f"ZeRO-{run.setting('deepspeed.zero_stage', '?')}",
                f"{run.setting('scaling.num_workers', '?')} workers"]
     best = [f"{key} {_number(point[1])} at step {point[0]}" for key in ("eval_loss", "loss") if (point := run.best(key))]
     lines = [(run.kind, f"{run.uri}  ({run.status})"), ("job", run.setting("name", run.name)), ("method", " · ".join(method))]
     if run.params:
-        lines.append(("sampled", ", ".join(f"{k}={_short(v)}" for k, v in run.params.items())))
+        lines.append(("sampled", sampled_values(run.params)))
     lines += [
         ("steps", f"{run.steps}/{run.max_steps or '?'}"
                   + (f" · wall {_duration(summary['wall_seconds'])}" if "wall_seconds" in summary else "")),
@@ -210,7 +212,7 @@ def leaderboard_rows(search: SearchRecord) -> list[dict[str, str]]:
     for rank, trial in enumerate(search.ranked(), 1):
         best = trial.best()
         rows.append({"rank": str(rank), "run": trial.path, "method": trial.method,
-                     "sampled": ", ".join(f"{k}={_short(v)}" for k, v in (trial.params or {}).items()) or "–",
+                     "sampled": sampled_values(trial.params or {}) or "–",
                      "best eval loss": f"{_number(best[1])} @{best[0]}" if best else "–",
                      "steps": f"{trial.steps}/{trial.max_steps or '?'}", "status": trial.status})
     return rows
@@ -221,15 +223,15 @@ def comparison_rows(comparison: Comparison) -> list[dict[str, str]]:
     for run in comparison.runs:
         best, summary = run.best(), run.summary or {}
         rows.append({
-            "run": run.path, "method": run.method, "r": _short(run.setting("adapter.r")),
-            "lora+": _short(run.setting("optim.lora_plus_ratio")), "lr": _short(run.setting("optim.lr")),
+            "run": run.path, "method": run.method, "r": short(run.setting("adapter.r")),
+            "lora+": short(run.setting("optim.lora_plus_ratio")), "lr": short(run.setting("optim.lr")),
             "steps": f"{run.steps}/{run.max_steps or '?'}",
             "best eval loss": f"{_number(best[1])} @{best[0]}" if best else "–",
             "final loss": _number(run.final["loss"]) if "loss" in run.final else "–",
             "trainable": f"{summary['trainable_parameters']:,}" if "trainable_parameters" in summary else "–",
             "wall": _duration(summary["wall_seconds"]) if "wall_seconds" in summary else "–",
             "status": run.status,
-            **{key: _short(dict(flat_settings(run.spec)).get(key)) for key in comparison.differing},
+            **{key: short(dict(flat_settings(run.spec)).get(key)) for key in comparison.differing},
         })
     return rows
 
@@ -247,13 +249,7 @@ def _span(values) -> str:
     present = sorted({v for v in values if v is not None})
     if not present:
         return "–"
-    return _short(present[0]) if len(present) == 1 else f"{_short(present[0])}–{_short(present[-1])}"
-
-
-def _short(value: Any) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return short(present[0]) if len(present) == 1 else f"{short(present[0])}–{short(present[-1])}"
 
 
 def _number(value: float) -> str:

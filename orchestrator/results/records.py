@@ -11,54 +11,19 @@ import csv
 import io
 import json
 import re
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 import yaml
 
-from orchestrator.errors import OrchestratorError, StorageError
-from orchestrator.launch.runtime import embedded_store, uses_embedded_store
-from orchestrator.storage.fs import Storage, describe_storage_error, open_storage
+from orchestrator.errors import OrchestratorError
+from orchestrator.results.uri import is_search
+from orchestrator.storage.fs import Storage
 from orchestrator.storage.layout import checkpoint_dir_name, checkpoint_step
 from orchestrator.storage.manifest import MANIFEST_NAME
-from orchestrator.storage.objectstore import DEFAULT_BUCKET
 
-# Local mode's embedded store: where `run --local` puts runs when the spec names no storage.
-DEFAULT_STORAGE = f"s3://{DEFAULT_BUCKET}"
 _RECORD_FILES = ("spec.yaml", "metrics.jsonl", MANIFEST_NAME, "summary.json", "params.json")
-_RESULT_PATH = r"runs/[^/]+/[^/]+|tune/[^/]+(?:/trials/[^/]+)?"
-
-
-@contextmanager
-def served_storage(storage_uri: str, endpoint_url: str | None = None, echo=print) -> Iterator[Storage]:
-    """The storage at `storage_uri`, checked reachable; for s3://orchestrator/… with no other endpoint
-    configured, local mode's embedded store is served for the duration (as `export` does)."""
-    serving = embedded_store(echo) if uses_embedded_store(storage_uri, endpoint_url) else nullcontext()
-    with serving:
-        storage = open_storage(storage_uri, endpoint_url)
-        try:
-            if "s3" in storage.fs.protocol:
-                storage.fs.call_s3("head_bucket", Bucket=storage.root.split("/", 1)[0])
-            elif not storage.fs.isdir(storage.root):
-                raise FileNotFoundError(storage.root)
-        except Exception as error:  # s3fs raises many types; all mean the same to the user
-            raise StorageError(f"storage {storage_uri}: {describe_storage_error(error)}") from None
-        yield storage
-
-
-def split_result_uri(text: str, default_storage: str | None = None) -> tuple[str, str]:
-    """`s3://b/p/runs/<job>/<run-id>` (or `…/tune/<search>`, `…/tune/<search>/trials/<trial>`, or one of
-    these paths relative to `default_storage`, as `orchestrator runs` prints them) → (storage URI, path)."""
-    text = text.rstrip("/")
-    match = re.fullmatch(rf"((?:s3|file)://.+?)/({_RESULT_PATH})", text)
-    if match:
-        return match.group(1), match.group(2)
-    if "://" not in text and re.fullmatch(_RESULT_PATH, text):
-        return (default_storage or DEFAULT_STORAGE).rstrip("/"), text
-    raise OrchestratorError(f"{text}: not a run or search (expected [s3://bucket/prefix/]runs/<job>/<run-id>, "
-                            f"…/tune/<search> or …/tune/<search>/trials/<trial-id>)")
 
 
 class _Stored:
@@ -213,7 +178,7 @@ def load_result(storage: Storage, path: str) -> Record:
         if len(parts) == 4:  # one trial of the search
             records = [t for r in records for t in r.trials if t.path == path]
     if not records or not records[0].files or (isinstance(records[0], RunRecord) and "spec.yaml" not in records[0].files):
-        raise OrchestratorError(f"{storage.uri}/{path}: no {'search' if len(parts) == 2 else 'run'} there "
+        raise OrchestratorError(f"{storage.uri}/{path}: no {'search' if is_search(path) else 'run'} there "
                                 f"(`orchestrator runs {storage.uri}` lists what is)")
     return records[0]
 
@@ -250,12 +215,11 @@ def flat_settings(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str,
 
 def _files_under(storage: Storage, path: str) -> dict[str, dict[str, Any]]:
     """{path relative to `path`: listing entry} of every file below it, from one recursive listing."""
-    try:
-        found = storage.fs.find(path, detail=True)
-    except FileNotFoundError:
-        return {}
-    except Exception as error:
-        raise StorageError(f"storage {storage.uri}: {describe_storage_error(error)}") from None
+    with storage.errors_in_one_line():
+        try:
+            found = storage.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
     prefix = path.rstrip("/") + "/"
     return {name[len(prefix):]: info for name, info in found.items()
             if name.startswith(prefix) and info.get("type") != "directory"}
@@ -330,10 +294,8 @@ def _read_many(storage: Storage, relative_paths: list[str]) -> dict[str, bytes]:
     if not relative_paths:
         return {}
     by_full_path = {storage.path(relative): relative for relative in relative_paths}
-    try:
+    with storage.errors_in_one_line():
         found = storage.fs.cat(list(by_full_path), on_error="omit")
-    except Exception as error:
-        raise StorageError(f"storage {storage.uri}: {describe_storage_error(error)}") from None
     return {by_full_path[name]: data for name, data in found.items() if name in by_full_path}
 
 

@@ -1,4 +1,4 @@
-"""Ray Tune's MLflow logger for a search, imported only when the spec asks for MLflow (see orchestrator.tracking)."""
+"""Ray Tune's MLflow logger for a search, imported only when the spec asks for MLflow (see orchestrator.results.tracking)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a finished search leaves in storage: leaderboard.csv/.md, curves.png, best/ and search.json."""
+"""What a finished search leaves in storage: leaderboard.csv/.md, curves.png, best/ (adapter, best.json), manifest.json."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.results.curves import history_png
+from orchestrator.results.text import sampled_values
 from orchestrator.spec import JobSpec
-from orchestrator.storage.layout import RunLayout
+from orchestrator.storage.layout import trial_layout
 from orchestrator.storage.manifest import build_manifest, read_manifest, sha256_bytes, write_manifest
 
 
@@ -67,7 +69,7 @@ def publish(spec: JobSpec, search: str, storage, search_dir: str, fitted, echo) 
 
 def _copy_best_adapter(storage, search: str, search_dir: str, trial_id: str) -> str:
     """The trial's final adapter, or (if ASHA stopped it) the adapter of its last complete checkpoint."""
-    layout = RunLayout(storage, f"{search}/trials", trial_id, root="tune")
+    layout = trial_layout(storage, search, trial_id)
     source = layout.adapter_dir if read_manifest(storage, layout.run_dir) else None
     if source is None:
         steps = layout.complete_checkpoints()
@@ -94,27 +96,10 @@ def _markdown(rows: list[dict], metric: str, search: str) -> str:
              "|---:|---|---|---:|---:|---|---|---:|"]
     for r in rows:
         value = f"{r[metric]:.4f}" if r[metric] is not None else "–"
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-        lines.append(f"| {r['rank']} | {r['trial']} | {params} | {value} | {r['steps']} | {'yes' if r['stopped_early'] else 'no'} | {r['status']} | {r['wall_s']} |")
+        lines.append(f"| {r['rank']} | {r['trial']} | {sampled_values(r['params'])} | {value} | {r['steps']} | {'yes' if r['stopped_early'] else 'no'} | {r['status']} | {r['wall_s']} |")
     return "\n".join(lines) + "\n"
 
 
 def _plot(rows: list[dict], metric: str, search: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
-    for r in rows:
-        if r["history"]:
-            steps, values = zip(*r["history"])
-            axes.plot(steps, values, marker="o", label=f"#{r['rank']} {r['trial']}")
-    axes.set(xlabel="step", ylabel=metric, title=f"search {search}: {metric} per trial")
-    axes.grid(alpha=0.3)
-    if any(r["history"] for r in rows):
-        axes.legend(fontsize=7)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return history_png(f"search {search}: {metric} per trial", metric,
+                       [(f"#{r['rank']} {r['trial']}", r["history"]) for r in rows])
