@@ -134,7 +134,10 @@ def console_entry() -> None:
         os._exit(exit_code[0])
 
     atexit.register(exit_without_teardown)
-    exit_code[0] = main()
+    try:
+        exit_code[0] = main()
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2)
+        exit_code[0] = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     sys.exit(exit_code[0])
 
 

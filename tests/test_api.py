@@ -39,3 +39,10 @@ def test_signatures_are_the_real_ones():
     assert {"submission_id", "address", "follow"} <= set(inspect.signature(orchestrator.logs).parameters)
     assert {"address", "show_all"} <= set(inspect.signature(orchestrator.list_jobs).parameters)
     assert {"local", "resume"} <= set(inspect.signature(orchestrator.tune).parameters)
+
+
+def test_the_command_keeps_argparse_exit_codes():
+    """`--help` exits 0 and a usage error 2, through the console entry that skips module teardown."""
+    for argv, code in ((["--help"], 0), (["no-such-command"], 2), (["validate", "/no/such.yaml"], 2)):
+        result = subprocess.run([sys.executable, "-m", "orchestrator", *argv], capture_output=True, text=True, timeout=120)
+        assert result.returncode == code, (argv, result.returncode, result.stderr[-500:])
