@@ -24,9 +24,8 @@ def _step_line(step: int, tokens: int) -> None:
 
 def _examples(spec, tokenizer):
     from orchestrator.train import data as data_lib
-    from orchestrator.train.loop import prepare_data
 
-    return prepare_data(spec, spec.data.path, None, tokenizer)[0], data_lib
+    return data_lib.prepare_data(spec, spec.data.path, None, tokenizer).train, data_lib
 
 
 def plain(spec) -> None:

@@ -169,13 +169,13 @@ def training_flops_per_step(workload: Workload) -> float:
 _PREPARE_DATA = """
 import json, sys, time
 from orchestrator.spec import JobSpec
-from orchestrator.train.loop import prepare_data
+from orchestrator.train.data import prepare_data
 from orchestrator.train.model import load_tokenizer
 spec = JobSpec.model_validate(json.loads(sys.argv[1]))
 tokenizer = load_tokenizer(spec.model.path)
 started = time.perf_counter()
-train_set, eval_set = prepare_data(spec, spec.data.path, None, tokenizer)
-print(json.dumps({"seconds": time.perf_counter() - started, "examples": len(train_set) + len(eval_set)}))
+data = prepare_data(spec, spec.data.path, None, tokenizer)
+print(json.dumps({"seconds": time.perf_counter() - started, "examples": len(data.train) + len(data.eval)}))
 """
 
 

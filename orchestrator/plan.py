@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator.adapters import get_method
 from orchestrator.errors import JobSpecError, PreflightError
+from orchestrator.plan_memory import MemoryEstimate, estimate_memory, zero3_live_parameters
 from orchestrator.spec import JobSpec
 
 
@@ -26,15 +27,36 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
-    """The DeepSpeed config for this job; `deepspeed.config` in the spec is merged over it last."""
+def precision(spec: JobSpec) -> str:
+    """The run's precision, "bf16" or "fp32": train.precision, where auto means bf16 on GPUs and fp32 on CPU."""
+    if spec.train.precision == "auto":
+        return "bf16" if spec.scaling.use_gpu else "fp32"
+    return spec.train.precision
+
+
+def value_bytes(spec: JobSpec) -> int:
+    """Bytes of one base weight or activation value in the run's precision."""
+    return 2 if precision(spec) == "bf16" else 4
+
+
+def deepspeed_config(spec: JobSpec, model_config: Any | None = None, trainable_parameters: int = 0) -> dict[str, Any]:
+    """The DeepSpeed config for this job; `deepspeed.config` in the spec is merged over it last. With the
+    model's config, ZeRO-3 keeps only about two decoder layers gathered at a time (see plan_memory); with the
+    adapter's size, ZeRO's gradient bucket holds the adapter, not DeepSpeed's default 5e8 values (1 GB of
+    GPU memory in bf16 that an adapter never fills)."""
     train, stage = spec.train, spec.deepspeed.zero_stage
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if stage >= 1 and trainable_parameters:
+        zero["reduce_bucket_size"] = min(500_000_000, trainable_parameters)
     if stage == 3:
         # Adapter weights are gathered explicitly at save time; never consolidate the frozen base.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if model_config is not None:
+            live = zero3_live_parameters(model_config)
+            zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live,
+                        stage3_prefetch_bucket_size=live // 2)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -42,7 +64,8 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
         "zero_optimization": zero,
         # Our optimizer is a plain torch AdamW with per-group learning rates (LoRA+ needs them).
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": spec.scaling.use_gpu},
+        # bf16: the base and the forward in bf16; DeepSpeed keeps the adapter's fp32 master copy in its optimizer.
+        "bf16": {"enabled": precision(spec) == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -137,7 +160,7 @@ def estimate_adapter(spec: JobSpec, model_config: Any) -> AdapterEstimate:
             warnings.simplefilter("ignore", FutureWarning)
             model = get_method(spec.adapter.method).attach(model, spec.adapter)
     except (ValueError, TypeError) as error:  # PEFT's way of refusing a layer or a combination
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = _one_line(str(error)) or type(error).__name__
         raise PreflightError(f"adapter: {spec.adapter.method} cannot be attached to target_modules {targets} ({reason})") from None
     return AdapterEstimate(
         base_parameters=base_parameters,
@@ -145,6 +168,12 @@ def estimate_adapter(spec: JobSpec, model_config: Any) -> AdapterEstimate:
         adapted_layers=_adapted_layers(model),
         learning_rates={group["name"]: group["lr"] for group in param_groups(model, spec)},
     )
+
+
+def _one_line(message: str, limit: int = 240) -> str:
+    """PEFT's message on one line: a module's repr inside it spans several."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _adapted_layers(peft_model: Any) -> dict[str, tuple[int, int]]:
@@ -173,20 +202,29 @@ class Plan:
     worker_resources: dict[str, float]
     cluster_needs: dict[str, float]
     global_batch: int
+    precision: str = "fp32"
     # The fields of AdapterEstimate, filled when the plan is built with the model's config.
     base_parameters: int = 0
     trainable_parameters: int = 0
     adapted_layers: dict[str, tuple[int, int]] = field(default_factory=dict)
     learning_rates: dict[str, float] = field(default_factory=dict)
+    memory: MemoryEstimate | None = None  # per worker (per GPU with use_gpu), with the model's config
 
     @property
     def trainable_percent(self) -> float:
         total = self.base_parameters + self.trainable_parameters
         return 100.0 * self.trainable_parameters / total if total else 0.0
 
+    @property
+    def warnings(self) -> list[str]:
+        """What may fail once the job runs, one line each (the memory estimate above the accelerator's)."""
+        warning = self.memory.warning() if self.memory else None
+        return [warning] if warning else []
+
     def to_dict(self) -> dict[str, Any]:
         """What `orchestrator plan --json` prints: the adapter, resources, batch, learning rates per
-        optimizer group (as the workers will build them), parameter counts and the DeepSpeed config."""
+        optimizer group (as the workers will build them), parameter counts, precision, the memory estimate per
+        worker, warnings and the DeepSpeed config."""
         return {
             "job": self.spec.name,
             "adapter": self.spec.adapter.model_dump(mode="json"),
@@ -199,12 +237,19 @@ class Plan:
             "trainable_parameters": self.trainable_parameters,
             "base_parameters": self.base_parameters,
             "trainable_percent": round(self.trainable_percent, 4),
+            "precision": self.precision,
+            "memory": self.memory.to_dict() if self.memory else None,
+            "warnings": self.warnings,
             "deepspeed": self.deepspeed,
         }
 
     def summary(self) -> str:
         """`to_dict` for people: one `key: value` line each, then the DeepSpeed config as indented JSON."""
-        lines = [f"{key:>22}: {value}" for key, value in self.to_dict().items() if key != "deepspeed"]
+        shown = {key: value for key, value in self.to_dict().items() if key not in ("deepspeed", "memory", "warnings")}
+        if self.memory:
+            shown["memory"] = self.memory.line()
+        lines = [f"{key:>22}: {value}" for key, value in shown.items()]
+        lines += [f"{'warning':>22}: {warning}" for warning in self.warnings]
         lines.append(f"{'deepspeed':>22}:")
         lines.append("  " + json.dumps(self.deepspeed, indent=2).replace("\n", "\n  "))
         return "\n".join(lines)
@@ -215,11 +260,16 @@ def build_plan(spec: JobSpec, model_config: Any | None = None) -> Plan:
     if problems:
         raise JobSpecError("; ".join(problems))
     estimate = estimate_adapter(spec, model_config) if model_config is not None else None
+    memory = None
+    if estimate is not None:
+        memory = estimate_memory(spec, estimate.base_parameters, estimate.trainable_parameters, model_config, value_bytes(spec))
     return Plan(
         spec=spec,
-        deepspeed=deepspeed_config(spec),
+        deepspeed=deepspeed_config(spec, model_config, estimate.trainable_parameters if estimate else 0),
         worker_resources=worker_resources(spec),
         cluster_needs=cluster_needs(spec),
         global_batch=spec.train.batch_size * spec.train.grad_accum * spec.scaling.num_workers,
+        precision=precision(spec),
+        memory=memory,
         **(vars(estimate) if estimate else {}),
     )

@@ -24,23 +24,65 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
 
 
+DataFormat = Literal["prompt_completion", "text", "messages", "alpaca", "sharegpt"]
+CHAT_FORMATS = ("messages", "alpaca", "sharegpt")
+
+
 class DataSpec(_Section):
-    path: str = Field(description="jsonl | json | parquet | csv file, a saved dataset directory, s3://…, or builtin:arithmetic.")
+    path: str = Field(description=(
+        "jsonl | json | parquet | csv file, a saved dataset directory, a directory laid out like a Hub dataset "
+        "(data/train-*.parquet), a Hub dataset id, s3://…, or builtin:arithmetic / builtin:chat."))
+    format: Optional[DataFormat] = Field(None, description=(
+        "prompt_completion (prompt_field, completion_field), text (text_field), messages (a list of {role, content} "
+        "in messages_field, rendered by the chat template), alpaca (instruction, input, output) or sharegpt "
+        "(conversations of {from, value}). Default: text with text_field; else prompt_completion when the data has "
+        "prompt_field and completion_field; else whichever of messages, conversations (sharegpt) and "
+        "instruction + output (alpaca) the data has."))
     text_field: Optional[str] = Field(None, description="Train on the whole text of this field (causal LM).")
     prompt_field: Optional[str] = Field(None, description="Prompt field; the loss skips its tokens.")
     completion_field: Optional[str] = Field(None, description="Completion field; the loss covers only these tokens.")
+    messages_field: Optional[str] = Field(None, description=(
+        "messages / sharegpt: the field holding the conversation (default messages, or conversations for sharegpt)."))
+    chat_template: Optional[str] = Field(None, description=(
+        "messages / alpaca / sharegpt: a Jinja chat template, or a file holding one, instead of the tokenizer's own."))
+    train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description=(
+        "What the loss covers. assistant: every assistant turn with its end-of-turn token (prompt_completion: the "
+        "completion); last_assistant: the last assistant turn only; all: every token, prompts included. text "
+        "always trains on every token."))
     max_length: int = Field(512, ge=1, description="Tokens per example; longer ones are truncated.")
-    eval_path: Optional[str] = Field(None, description="Separate evaluation data; else eval_fraction of path.")
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    packing: bool = Field(False, description=(
+        "Pack tokenized training examples into rows of max_length tokens: position ids restart at each example and "
+        "no token attends across examples. Evaluation stays unpacked."))
+    bad_rows: Literal["error", "skip"] = Field("error", description=(
+        "A row that cannot be used (not UTF-8, not JSON, a field missing or null, a malformed conversation): error "
+        "stops before anything runs and names the file and row; skip leaves such rows out and the run says how many."))
+    split: str = Field("train", description="The split to read from a saved DatasetDict, a Hub-layout directory or a Hub dataset.")
+    subset: Optional[str] = Field(None, description="The subset (configuration name) of a Hub-layout directory or Hub dataset.")
+    eval_path: Optional[str] = Field(None, description="Separate evaluation data (same format); else eval_fraction of path.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the examples held out for evaluation when there is no eval_path.")
 
     @model_validator(mode="after")
     def _one_format(self) -> "DataSpec":
-        if self.text_field is not None:
-            if self.prompt_field is not None or self.completion_field is not None:
-                raise ValueError("give either text_field or prompt_field + completion_field, not both")
-        else:
+        if self.text_field is not None and (self.prompt_field is not None or self.completion_field is not None):
+            raise ValueError("give either text_field or prompt_field + completion_field, not both")
+        if self.format is None and self.messages_field is not None:
+            self.format = "messages"
+        fields_of = {"text": ("text_field",), "prompt_completion": ("prompt_field", "completion_field"),
+                     "messages": ("messages_field",), "sharegpt": ("messages_field",), "alpaca": ()}
+        if self.format is not None:
+            for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
+                if getattr(self, name) is not None and name not in fields_of[self.format]:
+                    raise ValueError(f"{name} is not an option of format {self.format}")
+            if self.chat_template is not None and self.format not in CHAT_FORMATS:
+                raise ValueError(f"chat_template is for the chat formats (messages, alpaca, sharegpt), not {self.format}")
+        if self.format == "text":
+            self.text_field = self.text_field or "text"
+        elif self.format in (None, "prompt_completion") and self.text_field is None:
+            # Without a format, the data decide (launch/preflight, train/formats.py): these columns if present.
             self.prompt_field = self.prompt_field or "prompt"
             self.completion_field = self.completion_field or "completion"
+        elif self.format in ("messages", "sharegpt"):
+            self.messages_field = self.messages_field or ("messages" if self.format == "messages" else "conversations")
         return self
 
 
@@ -97,6 +139,9 @@ class TrainSpec(_Section):
         "Recompute each decoder layer's activations in backward instead of keeping them: activation memory "
         "of about one layer, for about a third more compute. For long sequences or large models on GPUs; "
         "the math is unchanged, so a run may resume with it switched."))
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+        "Dtype of the base weights and the forward/backward: bf16 (DeepSpeed keeps an fp32 master copy of the "
+        "adapter and its optimizer state) or fp32. auto: bf16 with scaling.use_gpu, fp32 on CPU."))
 
 
 class DeepSpeedSpec(_Section):
@@ -119,6 +164,15 @@ class ScalingSpec(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers' bundles across nodes."
     )
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, description=(
+        "Memory of one accelerator in GB (use_gpu); `plan` warns when its per-GPU memory estimate exceeds it. "
+        "Default: known from accelerator_type (A100 → 40, A100-80G → 80, H100 → 80, H200 → 141, …), else no check."))
+
+    @model_validator(mode="after")
+    def _gpu_memory_needs_gpus(self) -> "ScalingSpec":
+        if self.gpu_memory_gb is not None and not self.use_gpu:
+            raise ValueError("gpu_memory_gb needs use_gpu: true")
+        return self
 
 
 class StorageSpec(_Section):

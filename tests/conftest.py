@@ -6,6 +6,7 @@ quick unit tier. pytest_collection_modifyitems marks such tests, so that none ca
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,37 @@ def tiny_llama_path() -> str:
 def s3_storage_uri(object_store, request) -> str:
     """A fresh prefix in the test bucket for each test."""
     return f"s3://{TEST_BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+@pytest.fixture(scope="session")
+def _one_rank_process_group():
+    """torch.distributed (gloo) with one rank in this process, for the whole session: DeepSpeed keeps the first
+    group it sees for the rest of the process, so a second one would not be used. Yields its rank variables."""
+    import torch.distributed as dist
+
+    from orchestrator.train.engine import prepare_deepspeed
+
+    prepare_deepspeed(use_gpu=False)  # before DeepSpeed's import: it picks its accelerator then
+    import deepspeed
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    variables = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    with exported_env(variables):  # Ray workers started later inherit the environment: no rank variables after
+        dist.init_process_group("gloo")
+        deepspeed.init_distributed()
+    yield variables
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single_rank_group(_one_rank_process_group):
+    """DeepSpeed in-process with one rank, for a test module (DeepSpeed reads the rank variables); ZeRO-3's
+    replacement of torch.nn.functional.linear (DeepSpeed's memory-efficient linear) ends with the module."""
+    import torch.nn.functional as F
+
+    linear = F.linear
+    with exported_env(_one_rank_process_group):
+        yield
+    F.linear = linear

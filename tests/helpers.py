@@ -144,3 +144,23 @@ def write_run(storage, path: str, spec, metrics: list[dict], *, complete: bool =
         write_manifest(storage, storage.path(path), build_manifest({n: sha256_bytes(d) for n, d in files.items()}, status="complete"))
         written += len(storage.read_bytes(storage.path(path, "manifest.json")))
     return written
+
+
+def assert_worker_failure_is_three_lines(result, cause: str, rank: int, checkpoint: int, ray_tmp: Path) -> None:
+    """A local `orchestrator run` whose worker failed for good (a subprocess `result`): the failure is three
+    lines on stderr (the root cause; rank, host and run; the full log, a file of this Ray session that holds
+    the traceback) and the only place the console names it; no traceback or forwarded Ray output anywhere."""
+    import re
+    import socket
+
+    console = result.stdout + result.stderr
+    for noise in ("Traceback", "Error Snippet", "(RayTrainWorker", "(TrainController", "(raylet)"):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    failure = result.stderr[result.stderr.index("error: "):].splitlines()
+    assert failure[0] == f"error: training failed: {cause}" and len(failure) == 3, failure
+    assert console.count(cause.split(": ", 1)[1]) == 1, "the cause is told once"
+    assert re.fullmatch(rf"  on worker rank {rank}, host {re.escape(socket.gethostname())} \(pid \d+\); run \S+ "
+                        rf"\(last complete checkpoint: step {checkpoint}\)", failure[1]), failure[1]
+    log = Path(failure[2].removeprefix("  full log: "))
+    assert log.is_file() and log.is_relative_to(ray_tmp), failure[2]
+    assert "Traceback" in log.read_text() and cause.split(": ", 1)[1] in log.read_text()

@@ -15,7 +15,7 @@ from peft import get_peft_model_state_dict
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
-from orchestrator.train.loop import prepare_data
+from orchestrator.train.data import prepare_data
 from orchestrator.train.model import build_adapted_model, load_tokenizer
 from tests.references import ExplicitDeltaLora, copy_initial_adapter, reference_model, reference_optimizer, train_reference
 
@@ -31,7 +31,7 @@ def replay(spec: JobSpec, model_path: str, data_path: str) -> torch.nn.Module:
     tokenizer = load_tokenizer(model_path, spec.model.trust_remote_code)
     initial = get_peft_model_state_dict(build_adapted_model(spec, model_path, torch.float32)[0])
     eval_path = resolve_data_path(spec.data.eval_path) if spec.data.eval_path else None  # else eval is split off
-    train_set, _ = prepare_data(spec, data_path, eval_path, tokenizer)
+    train_set = prepare_data(spec, data_path, eval_path, tokenizer).train
     worker_rng = torch.get_rng_state()  # where every worker's stream stands at its first step
 
     adapter = spec.adapter.model_dump()

@@ -125,7 +125,7 @@ def train_reference(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
         for index, batch in enumerate(micro_batches):
             if rng_streams is not None:
                 torch.set_rng_state(rng_streams[index % len(rng_streams)])
-            loss = model(**batch).loss
+            loss = model(**batch, use_cache=False).loss  # as the loop: packed rows keep their examples apart
             if rng_streams is not None:
                 rng_streams[index % len(rng_streams)] = torch.get_rng_state()
             (loss / len(micro_batches)).backward()

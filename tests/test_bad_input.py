@@ -9,17 +9,22 @@ naming the cause and where, no traceback, and nothing written under the case's o
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
 
+import orchestrator
 from orchestrator import cli
+from orchestrator.errors import PreflightError
+from orchestrator.launch.model_files import check_weights, weight_problem
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.runtime import require_resources, with_local_cpu_share
 from orchestrator.spec import load_spec
 from orchestrator.storage.fs import open_storage
-from tests.helpers import make_spec
+from tests.helpers import MINIMAL_SPEC, make_spec
 from tests.ray_head import free_ports
 
 
@@ -40,6 +45,13 @@ CASES = [
          {"adapter": {"target_modules": ["query", "value"]}}),
     Case("model-missing", "model.path: /nonexistent/model does not exist", {"model": {"path": "/nonexistent/model"}}),
     Case("model-not-a-model", "model.path", {"model": {"path": "{junk_model}"}}),
+    Case("model-is-an-encoder", "is not a causal language model (BertConfig, model_type 'bert', an encoder",
+         {"model": {"path": "{bert_model}"}}),
+    Case("model-without-weights", "has no weight files (model.safetensors, a sharded index", {"model": {"path": "{weightless_model}"}}),
+    Case("model-shard-missing", "is missing 1 of the 3 weight shards its model.safetensors.index.json names (first: model-00002-of-00003",
+         {"model": {"path": "{shard_missing_model}"}}),
+    Case("model-weights-truncated", "has an unreadable weight file model.safetensors (Error while deserializing header",
+         {"model": {"path": "{truncated_model}"}}),
     Case("data-missing", "data.path", {"data": {"path": "/nonexistent/data.jsonl"}}),
     Case("data-empty", "empty.jsonl is empty", {"data": {"path": "{empty_data}"}}),
     Case("data-without-fields", "prompt", {"data": {"path": "{fieldless_data}"}}),
@@ -70,7 +82,30 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
     (root / "empty.jsonl").write_text("")
     (root / "fieldless.jsonl").write_text("\n".join(json.dumps({"question": f"{i}+1", "answer": str(i + 1)}) for i in range(50)))
     return {"junk_model": str(root / "junk_model"), "empty_data": str(root / "empty.jsonl"),
-            "fieldless_data": str(root / "fieldless.jsonl"), "free_port": str(free_ports(1)[0])}
+            "fieldless_data": str(root / "fieldless.jsonl"), "free_port": str(free_ports(1)[0]), **bad_models(root)}
+
+
+def bad_models(root: Path) -> dict[str, str]:
+    """Model directories as users really produce them: `save_pretrained` output with a piece missing or
+    broken, and a BERT's config. `sharded_model` is the control: complete, in three shards."""
+    import torch
+    from transformers import AutoModelForCausalLM, BertConfig
+
+    from orchestrator.builtin.models import tiny_model_config
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(root / "bert")
+    tiny_model_config("tiny-llama").save_pretrained(root / "weightless")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_model_config("tiny-llama"), dtype=torch.float32)
+    model.save_pretrained(root / "sharded", max_shard_size="600KB")
+    shutil.copytree(root / "sharded", root / "shard_missing")
+    (root / "shard_missing" / "model-00002-of-00003.safetensors").unlink()
+    model.save_pretrained(root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])  # a download cut short
+    names = {"bert": "bert_model", "weightless": "weightless_model", "sharded": "sharded_model",
+             "shard_missing": "shard_missing_model", "truncated": "truncated_model"}
+    return {key: str(root / folder) for folder, key in names.items()}
 
 
 @pytest.fixture
@@ -135,3 +170,82 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, local_job, bad_fi
 def test_bad_storage_or_cluster_fit_is_one_line_exit_2_and_writes_nothing(case, ray_session, s3_storage_uri, bad_files, tmp_path,
                                                                           monkeypatch, capsys):
     _run_case(case, make_spec(s3_storage_uri, raw=True), bad_files, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("model", ["sharded_model", "weightless_model", "shard_missing_model", "truncated_model"])
+def test_the_weight_check_agrees_with_from_pretrained(model, bad_files):
+    """The reference is transformers itself: the directory the check passes loads, the ones it refuses do not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    refused = weight_problem(Path(bad_files[model]))
+    try:
+        AutoModelForCausalLM.from_pretrained(bad_files[model], dtype=torch.float32)
+        loads = True
+    except Exception:
+        loads = False
+    assert (refused is None) == loads == (model == "sharded_model"), refused
+
+
+def _hub_cache(root: Path, model_dir: str, weights: bool) -> Path:
+    """A Hugging Face cache holding `org/tiny` as a download leaves it (refs/main → snapshots/<commit>/)."""
+    repo = root / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot, ignore=None if weights else shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_an_offline_hub_id_is_checked_in_the_local_cache(weights, bad_files, tmp_path, monkeypatch):
+    """Offline, loading can use only what the cache holds, so preflight checks that (no network: offline)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path, bad_files["sharded_model"], weights)))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    if weights:
+        check_weights("org/tiny", "org/tiny")
+    else:
+        with pytest.raises(PreflightError, match=r"^model.path: org/tiny has no weight files \(model.safetensors"):
+            check_weights("org/tiny", "org/tiny")
+
+
+def test_plan_needs_only_the_config(bad_files):
+    """A model can be planned before its weights are downloaded; `run` refuses it (CASES)."""
+    plan = orchestrator.plan(make_spec(base=MINIMAL_SPEC, model={"path": bad_files["weightless_model"]}))
+    assert plan.trainable_parameters > 0
+
+
+def test_an_online_hub_id_leaves_the_weights_to_the_download(monkeypatch):
+    """Online, weights not yet cached are normal (from_pretrained downloads them): nothing is looked up."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the weight check looked the hub id up")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_lookup)
+    check_weights("org/never-downloaded", "org/never-downloaded")
+
+
+@pytest.mark.parametrize("config, options, refusal", [
+    ("LlamaConfig", {}, None),
+    ("GPT2Config", {}, None),
+    ("BertConfig", {"is_decoder": True}, None),  # BertLMHeadModel: a decoder when the config says so
+    ("T5Config", {}, "is not a causal language model (T5Config, model_type 't5': AutoModelForCausalLM has no class for it)"),
+    ("RobertaConfig", {}, "is not a causal language model (RobertaConfig, model_type 'roberta', an encoder;"),
+])
+def test_only_configs_that_make_a_decoder_pass(config, options, refusal):
+    import transformers
+
+    from orchestrator.launch.model_files import check_causal_lm
+
+    built = getattr(transformers, config)(**options)
+    if refusal is None:
+        check_causal_lm("m", built)
+    else:
+        with pytest.raises(PreflightError) as raised:
+            check_causal_lm("m", built)
+        assert str(raised.value).startswith(f"model.path: m {refusal}")

@@ -105,6 +105,9 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     os.kill(workers[0].pid, signal.SIGKILL)  # what an OOM kill or a lost node does
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
+    restarts = [line for line in output.splitlines() if "restarting from" in line]
+    assert len(restarts) == 1 and re.fullmatch(r"worker rank [01] on \S+ failed: worker process died: .+; restarting from "
+                                               r"checkpoint step 4", restarts[0]), restarts
     assert_same_adapter(adapter_of(s3_storage_uri, "worker-kill"), reference)
     # The run's metrics hold each step once; the console shows which steps were trained twice:
     # those after the last checkpoint (4), at most one checkpoint interval.

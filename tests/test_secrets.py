@@ -17,7 +17,7 @@ import yaml
 
 from orchestrator.storage.fs import open_storage
 from orchestrator.train.faults import schedule_fault
-from tests.helpers import MINIMAL_SPEC, make_spec
+from tests.helpers import MINIMAL_SPEC, assert_worker_failure_is_three_lines, make_spec
 
 SECRET_URL_PART = "s3cr3tInUrl"
 
@@ -51,6 +51,9 @@ def test_local_run_failure_and_resume_leave_the_secret_nowhere(object_store, s3_
     try:
         failed = run_cli("run", "--local", str(job), "--run-id", "secret-scan", env=env)
         assert failed.returncode == 1 and "injected fault after step 3" in failed.stderr, failed.stderr[-2000:]
+        # This run is also the end-to-end check of a worker failure's console (tests/test_worker_failure.py).
+        assert_worker_failure_is_three_lines(failed, "InjectedFault: injected fault after step 3 of run secret-scan",
+                                             rank=0, checkpoint=3, ray_tmp=ray_tmp)
         resumed = run_cli("run", "--local", str(job), "--run-id", "secret-scan", env=env)
         assert resumed.returncode == 0 and "resuming run" in resumed.stdout, resumed.stderr[-2000:]
         for name, result in (("failed run", failed), ("resumed run", resumed)):

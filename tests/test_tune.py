@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +128,12 @@ def test_local_search_with_asha_leaderboard_plot_best_adapter_resume_and_trial_e
     failed = next(trial for trial, status in statuses.items() if status == "error")
     assert failed.endswith("_00000")
     assert sorted(line.split()[1] for line in lines if line.startswith("trial ") and " started: " in line) == sorted(statuses)
-    assert [line.split()[1] for line in lines if line.startswith("trial ") and " failed | " in line] == [failed]
+    failed_lines = [line for line in lines if line.startswith("trial ") and " failed: " in line]
+    assert [line.split()[1] for line in failed_lines] == [failed]
+    # One line with the cause and where the traceback is (Tune's error.txt).
+    assert re.match(rf"trial {failed} failed: InjectedFault: injected fault after step 10 of run \S+_00000 \(worker rank 0\); "
+                    r"full error: \S+error.txt \| ", failed_lines[0]), failed_lines
+    assert Path(failed_lines[0].split("full error: ")[1].split(" | ")[0]).is_file()
     assert any(line.startswith(f"best trial {first.leaderboard[0]['trial']}: eval_loss ") for line in lines)
     assert lines[-1] == f"leaderboard: {s3_storage_uri}/tune/asha/leaderboard.md"
 

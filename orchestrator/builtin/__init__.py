@@ -35,12 +35,15 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def resolve_builtin(path: str, field: str, known: dict, build: Callable[[str, Path], None], kind: str) -> Path | None:
-    """For `builtin:NAME`, the cache directory holding NAME (built on first use); None for other paths."""
+def resolve_builtin(path: str, field: str, known: dict, build: Callable[[str, Path], None], kind: str,
+                    version: int = 1) -> Path | None:
+    """For `builtin:NAME`, the cache directory holding NAME (built on first use); None for other paths.
+    `version`: raise it when `build` changes what it builds, so that no cache keeps an older build."""
     if not path.startswith(BUILTIN_PREFIX):
         return None
     name = path[len(BUILTIN_PREFIX):]
     if name not in known:
         choices = ", ".join(BUILTIN_PREFIX + known_name for known_name in known)
         raise PreflightError(f"{field}: unknown built-in {kind} {path!r} (known: {choices})")
-    return build_once(cache_home() / f"{kind}s" / name, lambda staging: build(name, staging))
+    directory = name if version == 1 else f"{name}-v{version}"
+    return build_once(cache_home() / f"{kind}s" / directory, lambda staging: build(name, staging))

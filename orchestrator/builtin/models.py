@@ -10,10 +10,14 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 _SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+_BUILD = 2  # 2: the tokenizer has a chat template
+# Zephyr's template shape: every turn closed by the end-of-sequence token, which ends an assistant's reply.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def build_tokenizer():
-    """Byte-level vocabulary (256 bytes + 4 specials): any text encodes, nothing to download."""
+    """Byte-level vocabulary (256 bytes + 4 specials): any text encodes, nothing to download; a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -26,9 +30,11 @@ def build_tokenizer():
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    return PreTrainedTokenizerFast(
+    built = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    built.chat_template = CHAT_TEMPLATE
+    return built
 
 
 def tiny_model_config(name: str):
@@ -52,5 +58,5 @@ def _build_tiny_model(name: str, directory: Path) -> None:
 
 def resolve_model_path(path: str) -> str:
     """A real model directory or hub id for `path`; builtin:NAME is built on first use."""
-    built = resolve_builtin(path, "model.path", TINY_MODELS, _build_tiny_model, kind="model")
+    built = resolve_builtin(path, "model.path", TINY_MODELS, _build_tiny_model, kind="model", version=_BUILD)
     return str(built) if built else path

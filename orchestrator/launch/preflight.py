@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.adapters import get_method
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.builtin.models import resolve_model_path
 from orchestrator.errors import PreflightError
+from orchestrator.launch.model_files import check_causal_lm, check_weights
 from orchestrator.plan import estimate_adapter
 from orchestrator.spec import JobSpec
 
@@ -20,9 +22,12 @@ class Resolved:
     model_config: Any
     data_path: str
     eval_data_path: str | None
+    notes: list[str] = field(default_factory=list)  # for the console: what the data check let through (skipped rows)
 
 
 def load_model_config(spec: JobSpec) -> tuple[str, Any]:
+    """The model's directory (or hub id) and config, once the config is known to make a causal LM (all
+    that `plan` needs: it may plan a model whose weights are not downloaded yet)."""
     from transformers import AutoConfig
 
     model_path = resolve_model_path(spec.model.path)
@@ -33,6 +38,7 @@ def load_model_config(spec: JobSpec) -> tuple[str, Any]:
     except Exception as error:  # OSError, ValueError, hub errors: all mean "not a usable model"
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise PreflightError(f"model.path: {spec.model.path} is not a loadable model ({first_line})") from None
+    check_causal_lm(spec.model.path, config)
     return model_path, config
 
 
@@ -45,20 +51,27 @@ def check_adapter_fits(spec: JobSpec, model_config: Any) -> None:
         raise PreflightError("; ".join(problems))
 
 
-def check_data(spec: JobSpec) -> tuple[str, str | None]:
-    from orchestrator.train.data import check_fields, load_records
+def check_data(spec: JobSpec) -> tuple[str, str | None, list[str]]:
+    """Read every row the run will use through the workers' own row rule (train/formats.py), streaming and
+    writing nothing: the first bad row stops the run with one line naming the file and the row, or with
+    data.bad_rows: skip is counted. The chat formats' template is tried on every sequence of roles.
+    Returns the resolved data paths and what to tell the user (rows skipped)."""
+    from orchestrator.train.data import check_rows
+    from orchestrator.train.model import load_tokenizer
 
-    data_path = resolve_data_path(spec.data.path)
-    check_fields(load_records(data_path), spec.data, data_path)
-    eval_path = spec.data.eval_path
-    if eval_path:
-        eval_path = resolve_data_path(eval_path)
-        check_fields(load_records(eval_path), spec.data, eval_path)
-    return data_path, eval_path
+    tokenizer = functools.cache(lambda: load_tokenizer(resolve_model_path(spec.model.path), spec.model.trust_remote_code))
+    resolved, notes = [], []
+    for where, path in (("data.path", spec.data.path), ("data.eval_path", spec.data.eval_path)):
+        resolved.append(resolve_data_path(path) if path else None)
+        if path:
+            note = check_rows(resolved[-1], spec.data, where, tokenizer).note(where, path)
+            notes += [note] if note else []
+    return resolved[0], resolved[1], notes
 
 
 def preflight(spec: JobSpec) -> Resolved:
     model_path, model_config = load_model_config(spec)
+    check_weights(spec.model.path, model_path)
     check_adapter_fits(spec, model_config)
-    data_path, eval_path = check_data(spec)
-    return Resolved(model_path, model_config, data_path, eval_path)
+    data_path, eval_path, notes = check_data(spec)
+    return Resolved(model_path, model_config, data_path, eval_path, notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue as queue_lib
 import threading
 from datetime import timedelta
+from typing import Callable, Optional
 
 
 def format_event(event: dict) -> str | None:
@@ -27,6 +28,10 @@ def format_event(event: dict) -> str | None:
         return f"checkpoint saved: {event['uri']}{blocked}"
     if kind == "done":
         return f"final adapter: {event['adapter_uri']}"
+    if kind == "restarting":  # from launch/failures.py's WorkerWatch, with the checkpoint the driver found
+        where = f" on {event['host']}" if "host" in event else ""
+        start = f"checkpoint step {event['checkpoint']}" if event.get("checkpoint") else "the start (no complete checkpoint yet)"
+        return f"worker rank {event['rank']}{where} failed: {event['cause']}; restarting from {start}"
     return None
 
 
@@ -36,11 +41,12 @@ _END = {"event": "end of progress"}
 class ProgressPrinter:
     """A Ray queue the workers write to and a driver thread that prints it."""
 
-    def __init__(self, echo):
+    def __init__(self, echo, newest_checkpoint: Callable[[], Optional[int]] = lambda: None):
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.echo = echo
+        self.newest_checkpoint = newest_checkpoint  # the step a restarted worker group resumes from
         self.events: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -56,6 +62,8 @@ class ProgressPrinter:
             if event == _END:
                 return
             self.events.append(event)
+            if event.get("event") == "restarting":
+                event["checkpoint"] = self.newest_checkpoint()
             line = format_event(event)
             if line:
                 self.echo(line)

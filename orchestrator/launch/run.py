@@ -87,6 +87,8 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
     """Train the spec's adapter with Ray Train + DeepSpeed and leave the run in object storage."""
     tracker = tracking.connect(spec)  # first: a missing MLflow or an unreachable server fails before anything runs
     resolved = preflight(spec)
+    for note in resolved.notes:  # rows data.bad_rows: skip leaves out
+        echo(note)
     plan = build_plan(spec, resolved.model_config)
     echo(f"plan: {plan.trainable_parameters:,} trainable of {plan.base_parameters + plan.trainable_parameters:,} "
          f"parameters ({plan.trainable_percent:.3f}%), ZeRO-{spec.deepspeed.zero_stage}, "
@@ -178,17 +180,19 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
 
 
 def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[dict]:
-    with ProgressPrinter(echo) as progress:
-        trainer = build_trainer(spec, {**config, "progress": progress.queue}, layout, storage)
+    from orchestrator.launch.failures import WorkerWatch, failure_lines
+
+    def newest_checkpoint() -> int | None:
+        return next(iter(layout.complete_checkpoints()), None)
+
+    failure = None
+    with ProgressPrinter(echo, newest_checkpoint) as progress:
+        trainer = build_trainer(spec, {**config, "progress": progress.queue}, layout, storage,
+                                callbacks=(WorkerWatch(progress.queue),))
         try:
             trainer.fit()
-        except Exception as error:
-            raise TrainingFailed(f"training failed: {_root_cause(error)} (run {layout.uri}; last complete checkpoint kept)") from error
+        except Exception as error:  # Ray Train's TrainingFailedError: every rank's traceback, for the logs
+            failure = error
+    if failure is not None:  # after the printer has handled every event, the workers' places included
+        raise TrainingFailed(failure_lines(failure, progress.events, layout.uri, newest_checkpoint())) from failure
     return progress.events
-
-
-def _root_cause(error: BaseException) -> str:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"

@@ -118,7 +118,12 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
     with exported_env(trimmed):  # the driver's Train code and the controller read them while this Ray lives
         if local:
             cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
-            start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots, log_to_driver=True)
+            # The workers' output (Ray Train prints every failed rank's traceback) stays in Ray's session
+            # logs: the console gets progress through a queue and a failure as three lines (launch/failures.py).
+            start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots, log_to_driver=False)
+            # So do the errors the raylet pushes to the driver (a dead worker, in one long line): they are in
+            # the session's events/event_RAYLET.log. Ray's flag for this is the one its debugger uses.
+            ray._private.worker._worker_logs_enabled = False
         else:
             address = os.environ.get("RAY_ADDRESS", "auto")
             try:
@@ -132,6 +137,7 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
             yield
         finally:
             ray.shutdown()
+            ray._private.worker._worker_logs_enabled = True
 
 
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read before RAY_ADDRESS by Ray's state-API clients

@@ -29,6 +29,7 @@ from orchestrator.search import trial_count, trial_raw
 from orchestrator.spec import JobSpec, spec_to_yaml, validate_spec
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import trial_layout
+from orchestrator.storage.objectstore import exported_env
 
 # A trial's own driver needs almost nothing; {"CPU": 0} is refused by Tune.
 _TRIAL_DRIVER_CPU = 0.01
@@ -84,6 +85,8 @@ def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print)
         raise JobSpecError("tune: this job has no tune section (a search space, num_samples, scheduler)")
     tracker = tracking.connect(spec)  # a missing MLflow or an unreachable server fails before anything runs
     resolved = preflight(spec)
+    for note in resolved.notes:  # rows data.bad_rows: skip leaves out
+        echo(note)
     build_plan(spec)  # as run does: refuse a DeepSpeed config that would change the algorithm, before Ray starts
     search = spec.tune.name or spec.name
     with storage_for(spec, local, echo) as storage_uri:
@@ -140,5 +143,8 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
                            *tracking.tune_callbacks(tracker, keys, f"{storage.uri}/tune/{search}")],
             ),
         )
-    results = tuner.fit()
+    # Tune would log each failed trial's whole traceback here; SearchProgress prints its cause in one line,
+    # and the traceback stays in the trial's error.txt.
+    with exported_env({"TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}):
+        results = tuner.fit()
     return results, keys

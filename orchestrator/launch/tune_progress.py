@@ -50,4 +50,6 @@ class SearchProgress(tune.Callback):
         self.echo(f"trial {trial.trial_id} {how} | {self._counts(trials)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.echo(f"trial {trial.trial_id} failed | {self._counts(trials)}")
+        from orchestrator.launch.failures import trial_failure
+
+        self.echo(f"trial {trial.trial_id} failed: {trial_failure(trial)} | {self._counts(trials)}")

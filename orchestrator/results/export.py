@@ -20,8 +20,11 @@ from orchestrator.spec import validate_spec
 from orchestrator.storage.layout import RunLayout, result_layout
 from orchestrator.storage.manifest import hash_local_dir, read_manifest
 
-# The probe is computed in the training dtype; bf16 logits only match fp32 ones loosely.
-_PROBE_TOLERANCE = {False: 1e-4, True: 5e-2}
+# Max |Δ logit| the export check allows, by the run's precision. The base is loaded in the run's dtype and
+# the adapter in fp32 (as it is stored). fp32 runs reproduce the trained logits to rounding; in bf16, ZeRO-2
+# trained with a bf16 copy of the adapter (the export holds DeepSpeed's fp32 master) and a merged model rounds
+# W0 + ΔW to bf16: measured up to 1.6e-2 on logits of magnitude ~1.5 (tests/test_deepspeed_inprocess.py).
+_PROBE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 
 
 def export(run_uri: str, out: str | Path, merged: bool = False, endpoint_url: str | None = None, echo=print, *,
@@ -80,19 +83,24 @@ def _write_merged(run_dir: Path, out: Path, echo) -> None:
     from orchestrator.builtin.models import resolve_model_path
     from orchestrator.train.model import load_tokenizer
 
+    from orchestrator.plan import precision
+    from orchestrator.train.model import run_dtype
+
     spec = validate_spec(yaml.safe_load((run_dir / "spec.yaml").read_text()), source="spec.yaml")
     model_path = resolve_model_path(spec.model.path)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=spec.model.trust_remote_code)
+    tolerance = _PROBE_TOLERANCE[precision(spec)]
+    # The base in the run's dtype (a bf16 run's merged model is a bf16 model), the adapter as stored.
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=run_dtype(spec), trust_remote_code=spec.model.trust_remote_code)
     adapted = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     probe = load_file(run_dir / "probe_logits.safetensors")
     with torch.no_grad():
         adapted_logits = adapted(input_ids=probe["input_ids"][None]).logits[0, -4:]
-        _check_close(adapted_logits, probe["logits"], _PROBE_TOLERANCE[spec.scaling.use_gpu], "the adapter no longer reproduces the trained model")
+        _check_close(adapted_logits, probe["logits"], tolerance, "the adapter no longer reproduces the trained model")
         merged = adapted.merge_and_unload()
-        _check_close(merged(input_ids=probe["input_ids"][None]).logits[0, -4:], adapted_logits, 1e-4, "merging changed the model's logits")
+        _check_close(merged(input_ids=probe["input_ids"][None]).logits[0, -4:], adapted_logits, tolerance, "merging changed the model's logits")
     merged.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(model_path, spec.model.trust_remote_code).save_pretrained(str(out))
-    echo(f"merged model checked against the trained model's logits (max |Δ| ≤ {_PROBE_TOLERANCE[spec.scaling.use_gpu]:g})")
+    echo(f"merged model checked against the trained model's logits (max |Δ| ≤ {tolerance:g}, {precision(spec)})")
 
 
 def _check_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, problem: str) -> None:

@@ -13,7 +13,7 @@ import json
 import random
 import shutil
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -44,9 +44,14 @@ def save_adapter(model, directory: Path, zero3: bool, is_writer: bool, export) -
     else:
         gather = nullcontext()
     with gather:
+        masters = fp32_masters(model)  # collective under ZeRO-2/3: every rank, before the writer's early return
         if not is_writer:
             return
-        state, config = export(model)
+        with _values_swapped(masters):
+            state, config = export(model)
+    # As PEFT keeps an adapter on a bf16 base (autocast_adapter_dtype): fp32, whatever the training precision.
+    # (A wider dtype, as in fp64 tests, is kept.)
+    state = {name: tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor for name, tensor in state.items()}
     empty = [name for name, tensor in state.items() if tensor.numel() == 0]
     if not state or empty:
         # PEFT + ZeRO-3 is known to save empty adapters when parameters are not gathered.
@@ -55,6 +60,33 @@ def save_adapter(model, directory: Path, zero3: bool, is_writer: bool, export) -
     config.save_pretrained(str(directory))
     save_file({name: tensor.contiguous() for name, tensor in state.items()},
               str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def fp32_masters(model) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """{trainable parameter kept in bf16: DeepSpeed's fp32 master copy of it}, whole on every rank. Collective
+    under ZeRO-2/3. Empty in fp32 runs, where the parameter is its own master."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for parameter in adapter_parameters(model):
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            master = safe_get_full_fp32_param(parameter)
+            if master is not None:
+                masters[parameter] = master.detach().cpu().view(parameter.ds_shape if hasattr(parameter, "ds_shape") else parameter.shape)
+    return masters
+
+
+@contextmanager
+def _values_swapped(masters: dict[torch.nn.Parameter, torch.Tensor]):
+    """The parameters hold their fp32 master values inside the block (the export reads the module)."""
+    originals = {parameter: parameter.data for parameter in masters}
+    try:
+        for parameter, master in masters.items():
+            parameter.data = master
+        yield
+    finally:
+        for parameter, original in originals.items():
+            parameter.data = original
 
 
 @dataclass

@@ -1,105 +1,162 @@
-"""HF datasets → tokenized examples → deterministic per-step batches (a pure function of the step, so resume is exact)."""
+"""Data for the workers: usable rows (train/formats.py) → token ids and labels → packed rows (data.packing) →
+deterministic per-step batches (a pure function of the step, so resume is exact).
+
+Every stage is computed once per node and kept in the `datasets` cache (HF_DATASETS_CACHE) under a key made of
+what determines it: the data's content, the tokenizer, the chat template and the `data` fields that change the
+result. A restart, a resume, another trial or another worker on the node reads it back, memory-mapped.
+"""
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
 from orchestrator.errors import PreflightError
-from orchestrator.spec import DataSpec
+from orchestrator.spec import DataSpec, JobSpec
+from orchestrator.train import chat, packing
+from orchestrator.train.formats import (
+    IGNORE_INDEX, DataCheck, Layout, RowRule, detect_layout, first_columns, usable_rows,
+)
+from orchestrator.train.sources import Source, open_source
 
-IGNORE_INDEX = -100
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _storage_options(path: str) -> dict[str, Any] | None:
-    if not path.startswith("s3://"):
-        return None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"endpoint_url": endpoint} if endpoint else {}
+_ROWS_VERSION = 1      # part of the usable-rows cache key: bump when formats.RowRule changes what it produces
+_TOKENIZE_VERSION = 2  # part of the tokenized cache key: bump when _tokenize_batch changes what it produces
 
 
-def load_records(path: str):
-    """Load a dataset (file, saved dataset directory, or s3:// path) as one `datasets.Dataset`."""
+@dataclass
+class DataReport:
+    """What a worker's data came to, for the run's summary."""
+
+    rows: int             # usable rows of data.path (and data.eval_path)
+    empty: int            # of those, left without a token to train on within max_length (dropped)
+    train_examples: int
+    eval_examples: int
+    train_rows: int       # rows of train_examples the sample schedule draws from: fewer when packed
+    packed: bool
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset of {input_ids, labels} (+ position_ids when packed)
+    eval: Any
+    report: DataReport
+
+
+def prepare_data(spec: JobSpec, data_path: str, eval_data_path: Optional[str], tokenizer) -> PreparedData:
+    """The training and evaluation sets of a run, each stage cached (see the module's docstring)."""
+    rows = read_rows(data_path, spec.data, "data.path", tokenizer)
+    examples = tokenize_records(rows, tokenizer, spec.data)
+    read = [(rows, examples)]
+    if eval_data_path:
+        eval_rows = read_rows(eval_data_path, spec.data, "data.eval_path", tokenizer)
+        train, evaluation = examples, tokenize_records(eval_rows, tokenizer, spec.data)
+        read.append((eval_rows, evaluation))
+    else:
+        train, evaluation = split_train_eval(examples, spec.data.eval_fraction, spec.train.seed)
+    examples_count = len(train)
+    if spec.data.packing:
+        train = packing.pack_examples(train, spec.data.max_length)
+    report = DataReport(rows=sum(len(r) for r, _ in read), empty=sum(len(r) - len(e) for r, e in read),
+                        train_examples=examples_count, eval_examples=len(evaluation), train_rows=len(train),
+                        packed=spec.data.packing)
+    return PreparedData(train, evaluation, report)
+
+
+def row_rule(source: Source, spec: DataSpec, where: str, tokenizer: Callable[[], Any]) -> tuple[RowRule, Optional[str]]:
+    """The rule the rows of `source` must meet, and the chat template for chat formats (None for others);
+    `tokenizer()` gives the tokenizer, loaded only for chat formats."""
+    layout = detect_layout(spec, first_columns(source), where, source.path)
+    if layout.shape != "chat":
+        return RowRule(layout, spec.train_on, None), None
+    loaded = tokenizer()
+    template = chat.template_text(spec.chat_template, loaded, loaded.name_or_path)
+    # The template is tried on each new sequence of roles, so that a row it fails on is a bad row like any other.
+    return RowRule(layout, spec.train_on, chat.TemplateCheck(chat.renderer(loaded, template), spec.train_on)), template
+
+
+def check_rows(path: str, spec: DataSpec, where: str, tokenizer: Callable[[], Any]) -> DataCheck:
+    """Read every row of `path` through the row rule, writing nothing (preflight): stops at the first bad row
+    with one line naming it, or with data.bad_rows: skip counts them."""
+    source = open_source(path, spec, where)
+    rule, _ = row_rule(source, spec, where, tokenizer)
+    check = DataCheck()
+    for _ in usable_rows(source, rule, spec.bad_rows, where, check):
+        pass
+    return check
+
+
+def read_rows(path: str, spec: DataSpec, where: str, tokenizer):
+    """The usable rows of `path` in canonical form ({row, text | prompt, completion | messages}), as a cached
+    `datasets.Dataset`. Preflight has counted what data.bad_rows: skip leaves out."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
+    from datasets.fingerprint import Hasher
 
     datasets.disable_progress_bars()
-    options = _storage_options(path)
-    local = path if options is None else None
-    if local is not None and not os.path.exists(local):
-        raise PreflightError(f"data.path: {path} does not exist")
-    if local is not None and os.path.isfile(local) and os.path.getsize(local) == 0:
-        raise PreflightError(f"data.path: {path} is empty")
+    source = open_source(path, spec, where)
+    rule, template = row_rule(source, spec, where, lambda: tokenizer)
+    layout = rule.layout
+    fingerprint = Hasher.hash([source.fingerprint, layout.format, layout.fields, spec.train_on, spec.bad_rows,
+                               template, tokenizer if template else None, _ROWS_VERSION])
     try:
-        if local is not None and os.path.isdir(local):
-            loaded = datasets.load_from_disk(local)
-            if isinstance(loaded, datasets.DatasetDict):
-                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-            return loaded
-        suffix = next((s for s in _FORMATS if path.endswith(s)), None)
-        if suffix is None:
-            raise PreflightError(f"data.path: {path}: unknown format (use .jsonl, .json, .parquet, .csv or a saved dataset directory)")
-        return datasets.load_dataset(_FORMATS[suffix], data_files=path, split="train", storage_options=options)
-    except PreflightError:
+        return datasets.Dataset.from_generator(lambda: usable_rows(source, rule, spec.bad_rows, where, DataCheck()),
+                                               features=_row_features(layout), fingerprint=fingerprint)
+    except DatasetGenerationError as error:  # datasets wraps what the generator raised
+        if isinstance(error.__cause__, PreflightError):
+            raise error.__cause__ from None
         raise
-    except Exception as error:  # datasets raises many types for unreadable files
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PreflightError(f"data.path: cannot read {path}: {first_line}") from None
 
 
-def check_fields(records, spec: DataSpec, path: str) -> None:
-    needed = [spec.text_field] if spec.text_field else [spec.prompt_field, spec.completion_field]
-    field_names = ["text_field"] if spec.text_field else ["prompt_field", "completion_field"]
-    for field_name, column in zip(field_names, needed):
-        if column not in records.column_names:
-            raise PreflightError(
-                f"data.{field_name}: {column!r} is not a column of {path} (columns: {', '.join(records.column_names)})"
-            )
-    if len(records) == 0:
-        raise PreflightError(f"data.path: {path} holds no examples")
+def _row_features(layout: Layout):
+    import datasets
+
+    text = datasets.Value("string")
+    columns = {"text": {"text": text}, "prompt_completion": {"prompt": text, "completion": text},
+               "chat": {"messages": datasets.List({"role": text, "content": text})}}[layout.shape]
+    return datasets.Features({"row": datasets.Value("int64"), **columns})
 
 
 def tokenize_records(records, tokenizer, spec: DataSpec):
-    """Token ids and labels as a `datasets.Dataset` (rows: {"input_ids", "labels"}); with prompt+completion
-    the loss covers only the completion (and EOS). Examples left with nothing to train on are dropped.
-
-    Tokenized once: `datasets` caches the result beside the loaded data under a key made of the data's
-    fingerprint, the tokenizer and the data fields, so a restart, a resume, another trial or another
-    worker on the node reads it back (memory-mapped, shared through the page cache) instead of tokenizing.
-    """
+    """Token ids and labels of usable rows (read_rows; a list of such dicts in tests) as a `datasets.Dataset` of
+    {"input_ids", "labels"}: the loss covers what data.train_on says. Rows left with nothing to train on within
+    max_length are dropped. Cached (module docstring)."""
     import datasets
     from datasets.fingerprint import Hasher
 
     if isinstance(records, list):
         records = datasets.Dataset.from_list(records)
-    fields = {"text_field": spec.text_field, "prompt_field": spec.prompt_field,
-              "completion_field": spec.completion_field, "max_length": spec.max_length}
+    columns = records.column_names
+    shape = "chat" if "messages" in columns else ("prompt_completion" if "completion" in columns else "text")
+    template = chat.template_text(spec.chat_template, tokenizer, tokenizer.name_or_path) if shape == "chat" else None
+    fields = {"shape": shape, "train_on": spec.train_on, "max_length": spec.max_length, "template": template}
     # Given explicitly: hashing the function instead makes dill disassemble it onto a Ray worker's stdout.
     fingerprint = Hasher.hash([records._fingerprint, tokenizer, fields, _TOKENIZE_VERSION])
     examples = records.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=records.column_names,
                            features=_tokenized_features(), fn_kwargs={"tokenizer": tokenizer, **fields},
                            new_fingerprint=fingerprint)
     if len(examples) == 0:
-        raise PreflightError(f"data.max_length: {spec.max_length} leaves no completion tokens to train on")
+        raise PreflightError(f"data.max_length: {spec.max_length} leaves no tokens to train on in any row")
     return examples
 
 
-_TOKENIZE_VERSION = 1  # part of the cache key: bump when _tokenize_batch changes what it produces
-
-
-def _tokenize_batch(batch: dict[str, list], tokenizer, text_field, prompt_field, completion_field,
-                    max_length: int) -> dict[str, list]:
+def _tokenize_batch(batch: dict[str, list], tokenizer, shape: str, train_on: str, max_length: int,
+                    template: Optional[str]) -> dict[str, list]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if text_field:
-        ids = [row + eos for row in tokenizer([str(t) for t in batch[text_field]])["input_ids"]]
+    if shape == "chat":
+        rows = batch.get("row") or [0] * len(batch["messages"])
+        ids, labels = chat.tokenize_conversations(batch["messages"], rows, tokenizer, chat.renderer(tokenizer, template),
+                                                  train_on, "data")
+    elif shape == "text":
+        ids = [row + eos for row in tokenizer(batch["text"])["input_ids"]]
         labels = [list(row) for row in ids]
     else:
-        prompts = tokenizer([str(t) for t in batch[prompt_field]])["input_ids"]
-        completions = tokenizer([str(t) for t in batch[completion_field]], add_special_tokens=False)["input_ids"]
+        prompts = tokenizer(batch["prompt"])["input_ids"]
+        completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
         ids = [prompt + completion + eos for prompt, completion in zip(prompts, completions)]
-        labels = [[IGNORE_INDEX] * len(prompt) + completion + eos for prompt, completion in zip(prompts, completions)]
+        labels = [(list(prompt) if train_on == "all" else [IGNORE_INDEX] * len(prompt)) + completion + eos
+                  for prompt, completion in zip(prompts, completions)]
     kept: dict[str, list] = {"input_ids": [], "labels": []}
     for row_ids, row_labels in zip(ids, labels):
         row_ids, row_labels = row_ids[:max_length], row_labels[:max_length]
@@ -127,17 +184,29 @@ def split_train_eval(examples, eval_fraction: float, seed: int):
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Rows of a tokenized dataset → right-padded input_ids, labels and attention_mask."""
+    """Rows of a tokenized dataset → right-padded input_ids and labels, with attention_mask, or for packed rows
+    position_ids (restarting at each example, padding counted as one more) and no mask: transformers then
+    keeps examples apart (train/packing.py). Either way the padding carries no labels."""
     width = max(len(e["input_ids"]) for e in examples)
+    packed = "position_ids" in examples[0]
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    extra = torch.arange(width).repeat(len(examples), 1) if packed else torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         length = len(example["input_ids"])
         input_ids[row, :length] = torch.tensor(example["input_ids"])
         labels[row, :length] = torch.tensor(example["labels"])
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            extra[row, :length] = torch.tensor(example["position_ids"])
+            extra[row, length:] = torch.arange(width - length)
+        else:
+            extra[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
+def real_tokens(examples: list[dict]) -> int:
+    """Tokens in a batch's rows, padding left out (the throughput the loop reports)."""
+    return sum(len(example["input_ids"]) for example in examples)
 
 
 class BatchSchedule:

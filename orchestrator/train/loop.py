@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -36,6 +37,7 @@ class Worker:
     emit: Callable[..., None]  # a progress event for the driver's console (rank 0's; a no-op elsewhere)
     pad_id: int
     train_set: list
+    data_report: data_lib.DataReport
     evaluation: list  # this worker's evaluation batches
     probe_example: Any  # the example whose final logits the run publishes
     counts: ParameterCounts
@@ -67,9 +69,12 @@ def train_loop(config: dict[str, Any]) -> None:
         if worker.before_step:
             worker.before_step(step)
         for micro_step in range(spec.train.grad_accum):
-            batch = data_lib.collate([worker.train_set[i] for i in schedule.indices(step, micro_step)], worker.pad_id)
-            window.tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
-            loss = engine(**{key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}).loss
+            rows = [worker.train_set[i] for i in schedule.indices(step, micro_step)]
+            batch = data_lib.collate(rows, worker.pad_id)
+            window.tokens += data_lib.real_tokens(rows)  # counted on the host: no device sync
+            # use_cache=False: transformers keeps packed examples apart only without a cache (train/packing.py)
+            loss = engine(**{key: value.to(engine.device, non_blocking=True) for key, value in batch.items()},
+                          use_cache=False).loss
             engine.backward(loss)
             engine.step()
             window.add(loss)
@@ -101,11 +106,13 @@ def set_up(config: dict[str, Any]) -> Worker:
 
     torch.manual_seed(spec.train.seed)
     tokenizer = load_tokenizer(config["model_path"], spec.model.trust_remote_code)
-    model, counts = build_adapted_model(spec, config["model_path"], torch.bfloat16 if spec.scaling.use_gpu else torch.float32)
-    # Before DeepSpeed partitions anything, so this is local: only rank 0 records it.
-    base_checksum = frozen_weights_checksum(model) if rank == 0 else None
+    model, counts = build_adapted_model(spec, config["model_path"], ds_config=config["deepspeed"])  # in train.precision
+    # Under ZeRO-3 the base is partitioned while it loads, so its checksum is gathered (collective); else rank 0's copy.
+    base_checksum = frozen_weights_checksum(model, zero3=True) if spec.deepspeed.zero_stage == 3 else (
+        frozen_weights_checksum(model) if rank == 0 else None)
     with _node_leader_first(context.get_local_rank()):
-        train_set, eval_set = prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
+        data = data_lib.prepare_data(spec, config["data_path"], config.get("eval_data_path"), tokenizer)
+    train_set, eval_set = data.train, data.eval
 
     optimizer = make_optimizer(model, spec)
     built_rates = expected_rates(optimizer)
@@ -116,7 +123,9 @@ def set_up(config: dict[str, Any]) -> Worker:
     export = functools.partial(method.export or peft_export, spec=spec.adapter)
     worker = Worker(
         spec=spec, rank=rank, world=world, run=run, emit=functools.partial(_emit, progress), pad_id=tokenizer.pad_token_id,
-        train_set=train_set, probe_example=(eval_set or train_set)[0],
+        train_set=train_set, data_report=data.report,
+        # A packed training row is probed as one sequence (input ids and labels only), as its export check reads it.
+        probe_example={key: (eval_set or train_set)[0][key] for key in ("input_ids", "labels")},
         evaluation=data_lib.eval_batches(eval_set, spec.train.batch_size, spec.train.eval_batches, world, rank),
         counts=counts, base_checksum=base_checksum, engine=engine, built_rates=built_rates,
         checkpoints=Checkpointer(engine, run, rank, zero3, export),
@@ -124,7 +133,7 @@ def set_up(config: dict[str, Any]) -> Worker:
         after_step=faults.hook_for(config["run_id"], rank),  # None unless a test schedules faults
     )
     worker.emit(event="start", counts=str(counts), trainable=counts.trainable, total=counts.total,
-                train_examples=len(train_set), eval_examples=len(eval_set))
+                **dataclasses.asdict(data.report))  # train_examples, eval_examples, packed train_rows, empty rows
     return worker
 
 
@@ -173,21 +182,11 @@ def finish(worker: Worker, start_step: int, history: list[dict], run_started: fl
             "trainable_percent": counts.percent, "base_checksum_before": worker.base_checksum,
             "base_checksum_after": base_checksum_after, "base_unchanged": worker.base_checksum == base_checksum_after,
             "final": history[-1] if history else {}, "wall_seconds": time.perf_counter() - run_started,
+            "data": dataclasses.asdict(worker.data_report),
         }
         worker.run.finish(worker.checkpoints.last_dir, max(start_step, spec.train.max_steps), summary, probe)
         worker.emit(event="done", adapter_uri=worker.run.layout.uri + "/adapter", summary=summary)
     worker.checkpoints.discard()
-
-
-def prepare_data(spec: JobSpec, data_path: str, eval_data_path: str | None, tokenizer):
-    records = data_lib.load_records(data_path)
-    data_lib.check_fields(records, spec.data, data_path)
-    examples = data_lib.tokenize_records(records, tokenizer, spec.data)
-    if eval_data_path:
-        eval_records = data_lib.load_records(eval_data_path)
-        data_lib.check_fields(eval_records, spec.data, eval_data_path)
-        return examples, data_lib.tokenize_records(eval_records, tokenizer, spec.data)
-    return data_lib.split_train_eval(examples, spec.data.eval_fraction, spec.train.seed)
 
 
 def make_scheduler(optimizer, spec: JobSpec):

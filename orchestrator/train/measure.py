@@ -50,9 +50,19 @@ def evaluate(engine, batches, pad_id: int) -> float:
             if label_tokens:  # a padding batch (see eval_batches) counts nothing
                 totals[0] += loss.double() * label_tokens
                 totals[1] += label_tokens
+    release_prefetched(engine)
     engine.train()
     dist.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def release_prefetched(engine) -> None:
+    """ZeRO-3 prefetches the parameters it expects a step to use next; forwards without a backward (evaluation,
+    the probe) leave some of them in flight, and an explicit gather right after (a checkpoint's adapter,
+    Delta-LoRA's snapshot) then fails on them. Wait for them and partition everything again (DeepSpeed's
+    `empty_partition_cache`, which ZeRO-3's optimizer alone has). Collective under ZeRO-3."""
+    if hasattr(engine.optimizer, "empty_partition_cache"):
+        engine.empty_partition_cache()
 
 
 def probe_logits(engine, example, pad_id: int) -> dict[str, torch.Tensor]:
@@ -62,4 +72,5 @@ def probe_logits(engine, example, pad_id: int) -> dict[str, torch.Tensor]:
     engine.eval()
     with torch.no_grad():
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    release_prefetched(engine)
     return {"input_ids": batch["input_ids"][0].cpu(), "logits": logits[0, -4:].float().cpu()}
