@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except OrchestratorError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{error.label}: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept", file=sys.stderr)

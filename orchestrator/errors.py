@@ -35,6 +35,7 @@ class OrchestratorError(Exception):
     """
 
     exit_code = 2
+    label = "error"  # what the CLI prints before the message
 
     def __str__(self) -> str:
         return redact(super().__str__())

@@ -107,9 +107,10 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
     return resources
 
 
-def cluster_needs(spec: JobSpec) -> dict[str, float]:
+def cluster_needs(spec: JobSpec, workers: int | None = None) -> dict[str, float]:
+    """What `workers` workers take from the cluster (num_workers by default; an elastic run starts with min_workers)."""
     per_worker = worker_resources(spec)
-    return {name: amount * spec.scaling.num_workers for name, amount in per_worker.items()}
+    return {name: amount * (workers or spec.scaling.num_workers) for name, amount in per_worker.items()}
 
 
 def _matches(module_name: str, targets: list[str] | str) -> bool:
@@ -228,7 +229,7 @@ class Plan:
         return {
             "job": self.spec.name,
             "adapter": self.spec.adapter.model_dump(mode="json"),
-            "workers": self.spec.scaling.num_workers,
+            "workers": _workers_shown(self.spec),
             "resources_per_worker": self.worker_resources,
             "cluster_needs": self.cluster_needs,
             "global_batch": self.global_batch,
@@ -253,6 +254,11 @@ class Plan:
         lines.append(f"{'deepspeed':>22}:")
         lines.append("  " + json.dumps(self.deepspeed, indent=2).replace("\n", "\n  "))
         return "\n".join(lines)
+
+
+def _workers_shown(spec: JobSpec) -> int | str:
+    low, high = spec.scaling.worker_range
+    return high if low == high else f"{low}-{high} (elastic)"
 
 
 def build_plan(spec: JobSpec, model_config: Any | None = None) -> Plan:

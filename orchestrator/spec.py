@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from orchestrator.adapters import DEFAULT_METHOD, all_methods, get_method
+from orchestrator.batching import global_batch, uneven_counts_message, worker_counts_that_fit
 from orchestrator.errors import JobSpecError
 from orchestrator.search import TuneSpec, check_search
 
@@ -152,7 +153,11 @@ class DeepSpeedSpec(_Section):
 class ScalingSpec(_Section):
     """Maps onto Ray Train's ScalingConfig; `orchestrator plan` shows what the cluster must hold."""
 
-    num_workers: int = Field(2, ge=1, description="Training workers (DeepSpeed ranks).")
+    num_workers: int = Field(2, ge=1, description="Training workers (DeepSpeed ranks); the most an elastic run uses.")
+    min_workers: Optional[int] = Field(None, ge=1, description=(
+        "Elastic training: start once this many workers can be placed, go on with fewer (down to this) after a "
+        "node is lost and grow back to num_workers when nodes return, each time from the last checkpoint with the "
+        "global batch kept (grad_accum adapts). Every count in between must divide the global batch."))
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (one rank per GPU is usual).")
     cpus_per_worker: float = Field(1.0, gt=0, description=(
@@ -173,6 +178,11 @@ class ScalingSpec(_Section):
         if self.gpu_memory_gb is not None and not self.use_gpu:
             raise ValueError("gpu_memory_gb needs use_gpu: true")
         return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers the run may train on: (num_workers, num_workers) unless elastic."""
+        return (self.min_workers or self.num_workers, self.num_workers)
 
 
 class StorageSpec(_Section):
@@ -251,6 +261,13 @@ class JobSpec(_Section):
         problems = get_method(self.adapter.method).validate(self.adapter, self)
         if self.scaling.accelerator_type is not None and not self.scaling.use_gpu:
             problems.append("scaling.accelerator_type: needs scaling.use_gpu: true")
+        low, high = self.scaling.worker_range
+        total = global_batch(self.train.batch_size, self.train.grad_accum, high)
+        uneven = [n for n in range(low, high + 1) if n not in worker_counts_that_fit(total, low, high)]
+        if low > high:
+            problems.append(f"scaling.min_workers: {low} is more than num_workers ({high})")
+        elif uneven:
+            problems.append(f"scaling.min_workers: {uneven_counts_message(total, uneven)}")
         if problems:
             raise ValueError("; ".join(problems))
         if self.tune is not None:

@@ -170,3 +170,29 @@ def test_store_outage_during_a_checkpoint_upload_is_ridden_out(reference, object
         assert storage.list_files(layout.checkpoint(4)) == before and is_complete(storage, layout.checkpoint(4))
         assert is_complete(storage, layout.checkpoint(12))
         assert_same_adapter(adapter_of(uri, "outage", store.endpoint_url), reference)
+
+
+def test_ctrl_c_checkpoints_the_step_it_is_on_and_resume_loses_none(reference, faults_file, s3_storage_uri, tmp_path):
+    """Ctrl-C in a terminal reaches the whole foreground process group: the local Ray runtime the command started
+    as well as the driver. The run must checkpoint the step it is on, stop with exit code 3, and go on from there."""
+    job = spec_raw(s3_storage_uri)
+    job["scaling"]["cpus_per_worker"] = 1.0
+    job_file = write_job(tmp_path, job)
+    schedule_fault(faults_file, "ctrl-c", step=6, pause_s=8)
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "--local", str(job_file), "--run-id", "ctrl-c"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    wait_for_pause(faults_file)
+    os.killpg(driver.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 3, output[-3000:]
+    assert "SIGINT: checkpointing the current step, then stopping" in output
+    assert re.search(r"^stopped: after step 7 of 12: its checkpoint is in \S+/checkpoints; `orchestrator run <spec> "
+                     r"--run-id ctrl-c --resume` goes on from it$", output, re.MULTILINE), output[-2000:]
+    storage = open_storage(s3_storage_uri)
+    layout = RunLayout(storage, JOB, "ctrl-c")
+    assert is_complete(storage, layout.checkpoint(7)) and not storage.exists(layout.manifest)
+
+    resumed = orchestrator.run(validate_spec(spec_raw(s3_storage_uri)), local=False, run_id="ctrl-c", resume=True, echo=print)
+    assert resumed.summary["resumed_from_step"] == 7  # no step lost
+    assert_same_adapter(adapter_of(s3_storage_uri, "ctrl-c"), reference)

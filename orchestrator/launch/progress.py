@@ -26,6 +26,8 @@ def format_event(event: dict) -> str | None:
     if kind == "checkpoint":
         blocked = f" (blocked {event['blocked_s']:.2f} s)" if "blocked_s" in event else ""
         return f"checkpoint saved: {event['uri']}{blocked}"
+    if kind == "stopped":
+        return f"stopped after step {event['step']}, its checkpoint stored"
     if kind == "done":
         return f"final adapter: {event['adapter_uri']}"
     if kind == "restarting":  # from launch/failures.py's WorkerWatch, with the checkpoint the driver found

@@ -12,6 +12,7 @@ from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.progress import ProgressPrinter
 from orchestrator.launch.runtime import require_resources, storage_and_ray, with_local_cpu_share
+from orchestrator.batching import global_batch, split_global_batch, uneven_counts_message
 from orchestrator.plan import build_plan
 from orchestrator.results import tracking
 from orchestrator.spec import JobSpec, spec_to_yaml
@@ -19,9 +20,9 @@ from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout, job_run_ids, new_run_id
 from orchestrator.storage.manifest import read_manifest
 
-# Changing these between two starts of one run would make its checkpoints meaningless.
-_RUN_IDENTITY = ("model", "data", "adapter", "optim", "deepspeed", "scaling.num_workers",
-                 "train.batch_size", "train.grad_accum", "train.seed")
+# Changing these between two starts of one run would make its checkpoints meaningless. The worker count may
+# change (the global batch is kept: _keep_global_batch), and so may the ZeRO stage (the training state is whole).
+_RUN_IDENTITY = ("model", "data", "adapter", "optim", "deepspeed.config", "train.seed")
 
 
 class TrainingFailed(OrchestratorError):
@@ -58,28 +59,54 @@ def _check_same_run(stored: dict, spec: JobSpec, run_id: str) -> None:
             )
 
 
-def choose_run(storage, spec: JobSpec, run_id: str | None, resume: bool) -> tuple[RunLayout, bool]:
-    """The run to use and whether it already exists (then it resumes from its last checkpoint)."""
+def _keep_global_batch(stored: dict, spec: JobSpec, run_id: str, echo) -> JobSpec:
+    """`spec` with the stored run's global batch: on another worker count grad_accum (or the per-worker batch)
+    adapts, as it does inside an elastic run; a spec that changes the global batch itself, or a worker count
+    that cannot share it evenly, is refused in one line."""
+    train, workers = stored.get("train", {}), stored.get("scaling", {}).get("num_workers", 2)
+    before = (train.get("batch_size", 8), train.get("grad_accum", 1))
+    total = global_batch(*before, workers)
+    now = spec.train
+    if global_batch(now.batch_size, now.grad_accum, spec.scaling.num_workers) == total:
+        return spec
+    if (now.batch_size, now.grad_accum) != before:
+        field = "train.batch_size" if now.batch_size != before[0] else "train.grad_accum"
+        raise JobSpecError(f"{field}: changes run {run_id}'s global batch ({total} there, "
+                           f"{global_batch(now.batch_size, now.grad_accum, spec.scaling.num_workers)} now); start a new run instead")
+    low, high = spec.scaling.worker_range
+    uneven = [n for n in range(low, high + 1) if total % n]
+    if uneven:
+        raise JobSpecError(f"scaling.num_workers: run {run_id}: {uneven_counts_message(total, uneven)}")
+    batch_size, grad_accum = split_global_batch(total, spec.scaling.num_workers, now.batch_size)
+    echo(f"run {run_id} trained on {workers} workers: on {spec.scaling.num_workers}, batch_size {batch_size} × "
+         f"grad_accum {grad_accum} keeps its global batch of {total}")
+    return spec.model_copy(update={"train": now.model_copy(update={"batch_size": batch_size, "grad_accum": grad_accum})})
+
+
+def choose_run(storage, spec: JobSpec, run_id: str | None, resume: bool,
+               echo: Callable[[str], None] = print) -> tuple[RunLayout, bool, JobSpec]:
+    """The run to use, whether it already exists (then it resumes from its last checkpoint), and the spec to
+    train it with (the stored run's global batch kept on this spec's worker count)."""
     existing = job_run_ids(storage, spec.name)
     if resume and run_id is None:
         if not existing:
             raise OrchestratorError(f"--resume: job {spec.name} has no run in {storage.uri} to resume")
         run_id = existing[-1]
     if run_id is None:
-        return RunLayout(storage, spec.name, new_run_id()), False
+        return RunLayout(storage, spec.name, new_run_id()), False, spec
     if "/" in run_id or ".." in run_id or not run_id:
         raise OrchestratorError(f"--run-id: {run_id!r} must be a plain name")
     layout = RunLayout(storage, spec.name, run_id)
     if run_id not in existing:
         if resume:
             raise OrchestratorError(f"--resume: run {run_id} of job {spec.name} does not exist in {storage.uri}")
-        return layout, False
+        return layout, False, spec
     try:
         stored = yaml.safe_load(storage.read_bytes(layout.spec))
     except FileNotFoundError:
         raise OrchestratorError(f"run {run_id} exists in {storage.uri} but has no spec.yaml; start a new run") from None
     _check_same_run(stored, spec, run_id)
-    return layout, True
+    return layout, True, _keep_global_batch(stored, spec, run_id, echo)
 
 
 def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume: bool = False,
@@ -92,14 +119,14 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
     plan = build_plan(spec, resolved.model_config)
     echo(f"plan: {plan.trainable_parameters:,} trainable of {plan.base_parameters + plan.trainable_parameters:,} "
          f"parameters ({plan.trainable_percent:.3f}%), ZeRO-{spec.deepspeed.zero_stage}, "
-         f"{spec.scaling.num_workers} workers, global batch {plan.global_batch}")
+         f"{_workers_line(spec)}, global batch {plan.global_batch}")
     with storage_and_ray(spec, local, echo) as storage_uri:
         storage = open_storage(storage_uri, spec.storage.endpoint_url)
         storage.check_writable()
         if local:
             spec = with_local_cpu_share(spec)
         require_resources(spec)  # Ray Train would otherwise wait forever for workers that cannot be placed
-        layout, exists = choose_run(storage, spec, run_id, resume)
+        layout, exists, spec = choose_run(storage, spec, run_id, resume, echo)
         if exists:
             summary = _completed_summary(storage, layout)
             if summary is not None and summary.get("steps") == spec.train.max_steps:
@@ -123,6 +150,11 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
         return RunResult(layout.uri, layout.uri + "/adapter", summary, events)
 
 
+def _workers_line(spec: JobSpec) -> str:
+    low, high = spec.scaling.worker_range
+    return f"{high} workers" if low == high else f"{low}-{high} workers (elastic)"
+
+
 def _completed_summary(storage, layout: RunLayout) -> dict | None:
     if read_manifest(storage, layout.run_dir) is None:
         return None
@@ -137,6 +169,7 @@ def worker_config(spec: JobSpec, layout: RunLayout, storage_uri: str, resolved, 
     where the run lives."""
     return {
         "spec": spec.model_dump(mode="json"), "deepspeed": deepspeed,
+        "global_batch": global_batch(spec.train.batch_size, spec.train.grad_accum, spec.scaling.num_workers),
         "job": layout.job, "run_id": layout.run_id, "layout_root": layout.root,
         "storage_uri": storage_uri, "endpoint_url": spec.storage.endpoint_url,
         "model_path": resolved.model_path, "data_path": resolved.data_path, "eval_data_path": resolved.eval_data_path,
@@ -147,8 +180,9 @@ def scaling_config(spec: JobSpec):
     """The spec's scaling section as Ray Train's ScalingConfig (one bundle per worker)."""
     from ray.train import ScalingConfig
 
+    low, high = spec.scaling.worker_range
     return ScalingConfig(
-        num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+        num_workers=(low, high) if low < high else high, use_gpu=spec.scaling.use_gpu,
         resources_per_worker={"CPU": spec.scaling.cpus_per_worker}
         | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {}),
         accelerator_type=spec.scaling.accelerator_type, placement_strategy=spec.scaling.placement_strategy,
@@ -181,18 +215,23 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
 
 def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[dict]:
     from orchestrator.launch.failures import WorkerWatch, failure_lines
+    from orchestrator.launch.stopping import Stopped, stop_on_signal
 
     def newest_checkpoint() -> int | None:
         return next(iter(layout.complete_checkpoints()), None)
 
     failure = None
-    with ProgressPrinter(echo, newest_checkpoint) as progress:
-        trainer = build_trainer(spec, {**config, "progress": progress.queue}, layout, storage,
-                                callbacks=(WorkerWatch(progress.queue),))
+    with ProgressPrinter(echo, newest_checkpoint) as progress, stop_on_signal(echo) as (stop_request, stop_asked):
+        trainer = build_trainer(spec, {**config, "progress": progress.queue, "stop_request": stop_request}, layout,
+                                storage, callbacks=(WorkerWatch(progress.queue),))
         try:
             trainer.fit()
         except Exception as error:  # Ray Train's TrainingFailedError: every rank's traceback, for the logs
             failure = error
     if failure is not None:  # after the printer has handled every event, the workers' places included
         raise TrainingFailed(failure_lines(failure, progress.events, layout.uri, newest_checkpoint())) from failure
+    stopped = [event["step"] for event in progress.events if event.get("event") == "stopped"]
+    if stop_asked.is_set() and stopped:
+        raise Stopped(f"after step {stopped[-1]} of {spec.train.max_steps}: its checkpoint is in "
+                      f"{layout.uri}/checkpoints; `orchestrator run <spec> --run-id {layout.run_id} --resume` goes on from it")
     return progress.events

@@ -83,7 +83,8 @@ def require_resources(spec: JobSpec) -> None:
     from orchestrator.plan import cluster_needs, worker_resources
 
     total = ray.cluster_resources()
-    lacking = [f"{name} {amount:g} (it has {total.get(name, 0):g})" for name, amount in cluster_needs(spec).items()
+    fewest = spec.scaling.worker_range[0]  # an elastic run starts on min_workers
+    lacking = [f"{name} {amount:g} (it has {total.get(name, 0):g})" for name, amount in cluster_needs(spec, fewest).items()
                if total.get(name, 0) + 1e-9 < amount]
     if lacking:
         hint = "; this machine has no GPU: set scaling.use_gpu: false" if spec.scaling.use_gpu and not total.get("GPU") else ""

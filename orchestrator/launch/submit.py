@@ -63,6 +63,7 @@ def check_cluster_storage(spec: JobSpec) -> None:
 
 
 CREDENTIALS_FILE = "orchestrator_credentials.json"
+STOP_GRACE_S = 600
 _LOADER = f"""\
 # Written by `orchestrator submit`: puts the credentials this job was given into the environment of
 # each of its processes (Ray puts the job's working_dir on their PYTHONPATH, so Python imports this
@@ -96,7 +97,9 @@ def build_runtime_env(staging_dir: Path, spec: JobSpec, user_env: dict[str, Any]
         "working_dir": str(staging_dir),
         "py_modules": [str(PACKAGE_DIR)],
         "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": {"PYTHONUNBUFFERED": "1", **_present(STORAGE_ENV)},
+        # `orchestrator stop` SIGTERMs the entrypoint, which has the workers checkpoint the step they are on and
+        # stop (train/control.py); Ray's job supervisor SIGKILLs it after this many seconds (its default: 3).
+        "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), **_present(STORAGE_ENV)},
     }
     for key, value in (user_env or {}).items():
         runtime_env[key] = {**runtime_env["env_vars"], **value} if key == "env_vars" else value
@@ -154,7 +157,9 @@ def submit(spec: JobSpec, *, address: str | None = None, tune: bool = False, run
                                         "orchestrator": orchestrator.__version__, "kind": kind, "job": spec.name,
                                         "results": results_uri})
     submission = Submission(submission_id, cluster.job_link(submission_id), results_uri)
-    echo(f"submitted {submission_id} ({kind} of {spec.name}) to {cluster.url}")
+    low, high = spec.scaling.worker_range
+    workers = f"{high} workers" if low == high else f"{low}-{high} workers, elastic"
+    echo(f"submitted {submission_id} ({kind} of {spec.name}, {workers}) to {cluster.url}")
     echo(f"  dashboard: {submission.dashboard_link}")
     echo(f"  results:   {results_uri}")
     echo(f"  follow:    orchestrator logs {submission_id} --follow --address {cluster.url}")
@@ -189,7 +194,8 @@ def _warn_if_it_does_not_fit(cluster: Cluster, spec: JobSpec, echo) -> None:
     except Exception as error:
         echo(f"note: could not read the cluster's resources ({first_line(error)}); not checking that the job fits")
         return
-    problem = shortfall(cluster_needs(spec), worker_resources(spec), spec.scaling.num_workers, total, per_node)
+    fewest = spec.scaling.worker_range[0]  # an elastic job starts once min_workers fit
+    problem = shortfall(cluster_needs(spec, fewest), worker_resources(spec), fewest, total, per_node)
     if problem:
         echo(f"warning: the cluster cannot hold this job right now: {problem}. It will wait for the autoscaler "
              f"(if any) to add nodes; `orchestrator plan` shows what it needs")

@@ -83,6 +83,9 @@ def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print)
 
     if spec.tune is None:
         raise JobSpecError("tune: this job has no tune section (a search space, num_samples, scheduler)")
+    if spec.scaling.min_workers is not None and spec.scaling.min_workers < spec.scaling.num_workers:
+        # Trials are compared at equal steps and equal worker counts; Tune's schedulers own their resources.
+        raise JobSpecError("scaling.min_workers: elastic training is for orchestrator run; a search's trials use num_workers")
     tracker = tracking.connect(spec)  # a missing MLflow or an unreachable server fails before anything runs
     resolved = preflight(spec)
     for note in resolved.notes:  # rows data.bad_rows: skip leaves out

@@ -1,8 +1,9 @@
-"""Adapter checkpoints: PEFT-format adapter (gathered under ZeRO-3) + DeepSpeed engine state + RNG.
+"""Adapter checkpoints: PEFT-format adapter (gathered under ZeRO-3) + the adapter's training state + RNG.
 
 Layout of checkpoints/step-N/ in storage:
   adapter/adapter_config.json, adapter/adapter_model.safetensors   (rank 0, loadable by PEFT alone)
-  deepspeed/state/...                                              (every rank's optimizer shard)
+  optimizer/state.safetensors, optimizer/state.json                (rank 0: whole masters, moments, LR schedule;
+                                                                    loads on any worker count, train/optim_state.py)
   rng/rank-R.pt, trainer_state.json
   manifest.json                                                    (written last, by rank 0)
 """
@@ -21,7 +22,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-DEEPSPEED_TAG = "state"
+from orchestrator.train import optim_state
+
 ADAPTER_FLAG = "orchestrator_adapter"
 
 
@@ -107,8 +109,8 @@ class TrainerState:
 
 
 def save_training_state(engine, directory: Path, rank: int, trainer_state: TrainerState) -> None:
-    """Engine (optimizer shards, LR scheduler) and RNG state for an exact resume. Collective."""
-    engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    """The adapter's training state (whole, on rank 0) and each rank's RNG state, for an exact resume. Collective."""
+    optim_state.save_training_state(engine, directory / "optimizer", is_writer=rank == 0)
     rng_dir = directory / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -120,11 +122,9 @@ def save_training_state(engine, directory: Path, rank: int, trainer_state: Train
 
 
 def load_training_state(engine, directory: Path, rank: int) -> TrainerState:
-    """Restore what save_training_state wrote; returns the trainer state."""
-    engine.load_checkpoint(
-        str(directory / "deepspeed"), tag=DEEPSPEED_TAG, load_module_strict=False,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
+    """Restore what save_training_state wrote, on any worker count; returns the trainer state. A rank the
+    saving run did not have keeps its own RNG (only dropout draws from it)."""
+    optim_state.load_training_state(engine, directory / "optimizer")
     rng_file = directory / "rng" / f"rank-{rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=False)

@@ -1,0 +1,46 @@
+"""Ctrl-C and SIGTERM during training: the first asks the workers to checkpoint the step they are on and stop
+(train/control.py), and the command exits with code 3; a second one stops at once (the last complete checkpoint is
+kept, as after any failure)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from orchestrator.errors import OrchestratorError
+
+
+class Stopped(OrchestratorError):
+    """Training stopped on request, after its checkpoint was stored: `--resume` goes on with no step lost."""
+
+    exit_code = 3
+    label = "stopped"
+
+
+@contextmanager
+def stop_on_signal(echo: Callable[[str], None]) -> Iterator[tuple[object, threading.Event]]:
+    """(the StopRequest actor for the workers' config, set once a stop was asked). Signal handlers need the
+    main thread: elsewhere (a notebook's worker thread) only a second-hand stop is possible, and none is set."""
+    from orchestrator.train.control import start_stop_request
+
+    request, asked = start_stop_request(), threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield request, asked
+        return
+
+    def handle(signum, _frame) -> None:
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+        request.ask.remote()
+        echo(f"{signal.Signals(signum).name}: checkpointing the current step, then stopping "
+             "(again to stop at once, keeping the last complete checkpoint)")
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request, asked
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
