@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on this machine (tests/cluster_script.py): an elastic run (min_workers 2 of 3)
-whose workers sit on three nodes with nothing node-local shared, and one node lost mid-run. The run finishes on
-the two nodes left, loses at most one checkpoint interval, and its adapter is the one its steps make: equal, within
-the reduction-order tolerance, to a run on two workers that never lost one (same global batch, same micro-batches)."""
+whose workers sit on three nodes with nothing node-local shared, and one node preempted mid-run: a spot notice
+(`ray drain-node`), then the node removed. The group checkpoints when the notice comes, the run finishes on the
+two nodes left without losing a step, and its adapter is the one its steps make: equal, within the reduction-order
+tolerance, to a run on two workers that never lost one (same global batch, same micro-batches)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ def adapter(run_id: str) -> dict[str, torch.Tensor]:
 
 def test_an_elastic_run_loses_a_node_and_finishes_on_the_rest(ray_session, faults_file, tmp_path):
     elastic = spec(3, 2, min_workers=2)
-    schedule_fault(faults_file, "elastic", step=6, pause_s=30)  # rank 0 holds still after step 6: a node goes then
+    # Rank 0 holds still after step 4 while a node gets its spot notice, and after the next step (whose checkpoint
+    # the notice causes) while the node is taken away.
+    schedule_fault(faults_file, "elastic", step=4, pause_s=5)
+    schedule_fault(faults_file, "elastic*", step=5, pause_s=90)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_script.py"), json.dumps(elastic.model_dump(mode="json")),
                            str(tmp_path / "nodes"), f"{faults_file}.paused"],
@@ -51,12 +55,14 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_rest(ray_session, fault
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     summary, lines, removed = result["summary"], result["lines"], result["removed"]
     assert any("2-3 workers (elastic), global batch 12" in line for line in lines), lines[:5]
-    assert removed["workers_before"] == 3 and removed["step"] == 6
+    assert removed["workers_before"] == 3 and removed["drained_after_step"] == 4
+    # The notice made the group checkpoint step 5 (off the every-4 schedule) before the node went.
+    assert removed["checkpoints_at_removal"] == [4, 5], removed
     # Each node built the built-in model itself (its own cache): the driver's copy is not on the nodes.
     assert len(result["built"]) >= 2, result["built"]
-    # Lost: steps 5 and 6, trained after checkpoint 4 - one checkpoint interval at most.
-    assert summary["status"] == "complete" and summary["resumed_from_step"] == 4, summary
-    assert any("restarting from checkpoint step 4" in line for line in lines), lines[-20:]
+    # No step lost: the run goes on from the checkpoint the notice caused.
+    assert summary["status"] == "complete" and summary["resumed_from_step"] == 5, summary
+    assert any("restarting from checkpoint step 5" in line for line in lines), lines[-20:]
     assert summary["base_unchanged"]
 
     orchestrator.run(spec(2, 3), local=False, run_id="two-workers", echo=print)

@@ -44,7 +44,7 @@ def test_a_run_resumes_on_fewer_workers_with_the_same_steps(ray_session, faults_
     with pytest.raises(TrainingFailed):
         orchestrator.run(spec(2), local=False, run_id="shrunk", echo=print)
 
-    with pytest.raises(JobSpecError, match=r"^train\.batch_size: changes run shrunk's global batch \(16 there, 8 now\)"):
+    with pytest.raises(JobSpecError, match=r"^train\.batch_size: changes run shrunk's global batch \(16 there, 4 now\)"):
         orchestrator.run(spec(1, batch_size=4), local=False, run_id="shrunk", resume=True, echo=print)
 
     lines = []

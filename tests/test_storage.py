@@ -101,3 +101,32 @@ def test_store_left_stopping_is_waited_for_by_the_next_start(tmp_path):
         assert client(second).cat(f"{second.buckets[0]}/kept.txt") == b"written before the stop"
     finally:
         second.stop()
+
+
+@pytest.mark.slow
+def test_the_embedded_store_dies_with_the_process_that_started_it(tmp_path):
+    """A driver killed outright (SIGKILL, OOM) must not leave its S3 server running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from orchestrator.storage.objectstore import EmbeddedObjectStore as S; "
+        f"s = S(__import__('pathlib').Path({str(tmp_path / 'store')!r}), buckets=('bucket',)); s.start(); "
+        "print(s._process.pid, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    server = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{server}/stat") as stat:  # a zombie (exited, not yet reaped by init) counts as gone
+            if stat.read().split(") ")[1].startswith("Z"):
+                return
+        time.sleep(0.2)
+    raise AssertionError("the S3 server outlived the process that started it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -120,6 +121,10 @@ def run(spec: JobSpec, *, local: bool = True, run_id: str | None = None, resume:
     echo(f"plan: {plan.trainable_parameters:,} trainable of {plan.base_parameters + plan.trainable_parameters:,} "
          f"parameters ({plan.trainable_percent:.3f}%), ZeRO-{spec.deepspeed.zero_stage}, "
          f"{_workers_line(spec)}, global batch {plan.global_batch}")
+    if plan.memory is not None:
+        echo(f"memory: about {plan.memory.line()}")
+    for warning in plan.warnings:  # a plan that may not fit still runs: the estimate is an estimate
+        echo(f"warning: {warning}")
     with storage_and_ray(spec, local, echo) as storage_uri:
         storage = open_storage(storage_uri, spec.storage.endpoint_url)
         storage.check_writable()
@@ -213,6 +218,26 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
     )
 
 
+def fit_off_the_main_thread(trainer) -> None:
+    """`trainer.fit()` in a thread while the main thread waits: Ray Train installs its own SIGINT handler (abort the
+    run, exit 1) when it runs in the main thread, and the run's handler (launch/stopping.py) must be the one that
+    answers Ctrl-C. The main thread wakes twice a second, so a signal is handled at once."""
+    outcome: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # handed to the main thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=fit, name="orchestrator-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if outcome:
+        raise outcome[0]
+
+
 def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[dict]:
     from orchestrator.launch.failures import WorkerWatch, failure_lines
     from orchestrator.launch.stopping import Stopped, stop_on_signal
@@ -225,7 +250,7 @@ def _fit(spec: JobSpec, config: dict, storage, layout: RunLayout, echo) -> list[
         trainer = build_trainer(spec, {**config, "progress": progress.queue, "stop_request": stop_request}, layout,
                                 storage, callbacks=(WorkerWatch(progress.queue),))
         try:
-            trainer.fit()
+            fit_off_the_main_thread(trainer)
         except Exception as error:  # Ray Train's TrainingFailedError: every rank's traceback, for the logs
             failure = error
     if failure is not None:  # after the printer has handled every event, the workers' places included

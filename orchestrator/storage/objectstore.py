@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from orchestrator.builtin import cache_home
 from orchestrator.errors import StorageError
@@ -51,6 +51,17 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _with_parent_death_signal(command: list[str]) -> tuple[list[str], Optional[Callable[[], None]]]:
+    """(command, preexec_fn) that make the server die with its parent. util-linux's `setpriv --pdeathsig` where it
+    exists: a Python `preexec_fn` makes Popen fork the whole parent, and a parent holding torch and Ray (a driver, a
+    test session: gigabytes of address space) then fails to fork with ENOMEM under the kernel's overcommit check,
+    where the vfork Popen uses otherwise never copies anything."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", *command], None
+    return command, _die_with_parent
 
 
 def weed_binary() -> str:
@@ -133,10 +144,11 @@ class EmbeddedObjectStore:
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        command, preexec_fn = _with_parent_death_signal(command)
         with open(self._log_path, "ab") as log:
             self._process = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=preexec_fn,
             )
 
     def wait_until_serving(self, timeout_s: float = 60.0) -> None:

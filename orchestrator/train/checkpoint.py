@@ -124,7 +124,11 @@ def save_training_state(engine, directory: Path, rank: int, trainer_state: Train
 def load_training_state(engine, directory: Path, rank: int) -> TrainerState:
     """Restore what save_training_state wrote, on any worker count; returns the trainer state. A rank the
     saving run did not have keeps its own RNG (only dropout draws from it)."""
-    optim_state.load_training_state(engine, directory / "optimizer")
+    if (directory / "optimizer").exists():
+        optim_state.load_training_state(engine, directory / "optimizer")
+    else:  # written by an earlier version: DeepSpeed's per-rank shards, which load on the same worker count only
+        engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
     rng_file = directory / "rng" / f"rank-{rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=False)

@@ -1,12 +1,13 @@
 """Stopping a run without losing a step, and keeping the work of a node that is about to go.
 
 The driver asks for a stop (first Ctrl-C or SIGTERM to `orchestrator run`, or `orchestrator stop` of a submitted
-job, which SIGTERMs its entrypoint) through a `StopRequest` actor; rank 0 watches it from a thread. At every step
-boundary the ranks agree (one tiny all-reduce on a CPU group, so a GPU run does not wait on its device): they
-checkpoint that step and return, and the driver exits with code 3. Ray Train reports a node about to be preempted
-(a spot notice, a drain) through `ray.train.get_preemption_info`, itself a barrier across the workers, so it is
-asked at logging steps only: the group checkpoints once and trains on; when the node goes, the run restarts from
-that checkpoint, on fewer workers if it is elastic.
+job, which SIGTERMs its entrypoint) through a `StopRequest` actor; rank 0 watches it from a thread. Ray Train marks
+every worker of a node about to be preempted (a spot notice, a drain: its preemption watcher). At every step
+boundary the ranks agree on both at once (one tiny all-reduce on a CPU group, so a GPU run does not wait on its
+device). A stop: they checkpoint that step and return, and the driver exits with code 3. A preemption: they
+checkpoint once and train on; when the node goes, the run restarts from that checkpoint, on fewer workers if it is
+elastic. (`ray.train.get_preemption_info` would agree through Ray's own barrier, tens of milliseconds on every
+call; the worker's mark is read here and agreed with the stop flag instead.)
 """
 
 from __future__ import annotations
@@ -62,24 +63,24 @@ class StepBoundary:
                 pass
             self._asked.wait(POLL_S)
 
-    def stop_requested(self) -> bool:
-        """Collective when world > 1: whether any rank saw the driver's request."""
-        if self.world == 1:
-            return self._asked.is_set()
-        flag = torch.tensor([1 if self._asked.is_set() else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+    def agree(self) -> tuple[bool, bool]:
+        """(stop, checkpoint before a node goes), the same on every rank. Collective when world > 1."""
+        flags = torch.tensor([int(self._asked.is_set()), int(_preemption_noticed())])
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        stop, preempted = bool(flags[0]), bool(flags[1])
+        if preempted and self._preemption_saved:
+            return stop, False
+        self._preemption_saved = self._preemption_saved or preempted
+        return stop, preempted
 
-    def preemption_checkpoint_due(self) -> bool:
-        """Ask Ray Train whether a worker's node is about to be preempted (a barrier across the workers); True
-        once per notice, so that the group checkpoints before the node goes."""
-        import ray.train
 
-        try:
-            info = ray.train.get_preemption_info()
-        except Exception:  # not inside Ray Train (in-process tests), or a Ray without it
-            return False
-        if info is None or self._preemption_saved:
-            return False
-        self._preemption_saved = True
-        return True
+def _preemption_noticed() -> bool:
+    """Whether Ray Train has marked this worker's node (or its slice) as about to be preempted. Read from the
+    worker's train context (internal to Ray: without it, no notice is seen and nothing else changes)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info is not None
+    except Exception:  # outside Ray Train (in-process tests), or another Ray
+        return False

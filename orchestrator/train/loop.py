@@ -89,8 +89,8 @@ def train_loop(config: dict[str, Any]) -> None:
             worker.emit(event="first_step", step=step + 1, worker_s=time.perf_counter() - worker_started)
         state.step = step + 1
         # Agreed by every rank: the driver asked to stop (Ctrl-C, SIGTERM), or a node is about to be preempted.
-        stop = state.step < spec.train.max_steps and worker.boundary.stop_requested()
-        preempted = state.step % spec.train.log_every == 0 and worker.boundary.preemption_checkpoint_due()
+        stop, preempted = worker.boundary.agree()
+        stop = stop and state.step < spec.train.max_steps
         log_step(worker, state, window, history, schedule.epoch(state.step), start_step, run_started,
                  checkpoint_now=stop or preempted)
         if worker.after_step:

@@ -33,7 +33,10 @@ def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _has_fragments(parameter) -> bool:
-    return hasattr(parameter, "ds_id") or getattr(parameter, "_hp_mapping", None) is not None
+    """Whether DeepSpeed keeps this parameter's master and moments in partitions (ZeRO-1/2/3, bf16). Every such
+    parameter has the attribute, None on a rank that holds no part of it: the full-value calls are collectives
+    that every rank must make."""
+    return hasattr(parameter, "ds_id") or hasattr(parameter, "_hp_mapping")
 
 
 def _moment_keys(engine) -> list[str]:
