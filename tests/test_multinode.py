@@ -25,7 +25,7 @@ from tests.helpers import REPO, TEST_BUCKET, make_spec
 pytestmark = pytest.mark.slow
 JOB = "multinode"
 URI = f"s3://{TEST_BUCKET}/multinode"
-TOLERANCE = 2e-5  # as tests/test_resume_elastic.py: summing gradients in another order
+TOLERANCE = 2e-4  # summing gradients in another order (measured 1.25e-5; a lost optimizer state: 0.1)
 
 
 def spec(workers: int, grad_accum: int, **scaling):

@@ -19,9 +19,10 @@ from tests.helpers import TEST_BUCKET, make_spec
 pytestmark = pytest.mark.slow
 JOB = "resize"
 URI = f"s3://{TEST_BUCKET}/resize"
-# Summing two workers' gradients (all-reduce) or two micro-batches' (accumulation) rounds differently; over 12
-# AdamW steps that stays below this (measured: see docs/reliability.md).
-REDUCTION_ORDER_TOLERANCE = 2e-5
+# Summing two workers' gradients (all-reduce) or two micro-batches' (accumulation) may round differently, and AdamW
+# magnifies it where a moment is near zero. Measured: 0 here, 1.25e-5 for 3 → 2 workers (tests/test_multinode.py);
+# a resume that lost the optimizer state is 0.1 away. Adapter values are ~0.1.
+REDUCTION_ORDER_TOLERANCE = 2e-4
 
 
 def spec(workers: int, **train):

@@ -50,9 +50,15 @@ def _build_tiny_model(name: str, directory: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from safetensors.torch import save_model
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_model_config(name), dtype=torch.float32)
-    model.save_pretrained(directory)
+    # Not model.save_pretrained: inside a training worker (torch.distributed up) transformers writes only on global
+    # rank 0, and a worker of another rank on a fresh node builds its own copy (train/loop.py: node_local_paths).
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
     build_tokenizer().save_pretrained(directory)
 
 
