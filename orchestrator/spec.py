@@ -37,8 +37,8 @@ class DataSpec(_Section):
         "prompt_completion (prompt_field, completion_field), text (text_field), messages (a list of {role, content} "
         "in messages_field, rendered by the chat template), alpaca (instruction, input, output) or sharegpt "
         "(conversations of {from, value}). Default: text with text_field; else prompt_completion when the data has "
-        "prompt_field and completion_field; else whichever of messages, conversations (sharegpt) and "
-        "instruction + output (alpaca) the data has."))
+        "prompt_field and completion_field; else whichever of messages, conversations (sharegpt), "
+        "instruction + output (alpaca) and text the data has."))
     text_field: Optional[str] = Field(None, description="Train on the whole text of this field (causal LM).")
     prompt_field: Optional[str] = Field(None, description="Prompt field; the loss skips its tokens.")
     completion_field: Optional[str] = Field(None, description="Completion field; the loss covers only these tokens.")

@@ -82,3 +82,17 @@ def test_a_resume_that_cannot_keep_the_global_batch_is_refused(stored_run, worke
     with pytest.raises(JobSpecError) as error:
         choose_run(storage, changed, "r1", True, print)
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_plan_shows_an_elastic_range_and_a_search_refuses_one():
+    from orchestrator.launch.tune import tune
+    from orchestrator.plan import build_plan, cluster_needs
+    from orchestrator.spec import load_spec
+    from tests.helpers import REPO
+
+    spec = make_spec(train={"batch_size": 2, "grad_accum": 2}, scaling={"num_workers": 3, "min_workers": 2})
+    assert build_plan(spec).to_dict()["workers"] == "2-3 (elastic)"
+    assert cluster_needs(spec, spec.scaling.worker_range[0]) == {"CPU": 2.0}
+    search = load_spec(str(REPO / "jobs" / "local-search.yaml"), ["scaling.num_workers=2", "scaling.min_workers=1"])
+    with pytest.raises(JobSpecError, match=r"^scaling\.min_workers: elastic training is for orchestrator run"):
+        tune(search)

@@ -117,6 +117,7 @@ def test_sharegpt_and_alpaca_rows_read_as_the_same_conversation(tmp_path, tokeni
     ({"prompt": "p", "completion": "c", "messages": []}, {}, "prompt_completion"),  # today's specs read as before
     ({"prompt": "p", "completion": "c", "messages": []}, {"format": "messages"}, "messages"),  # the spec wins
     ({"chat": []}, {"messages_field": "chat"}, "messages"),
+    ({"text": "t", "id": 3}, {}, "text"),  # a text column alone is unambiguous
 ])
 def test_the_format_is_detected_from_the_columns_unless_the_spec_names_it(row, spec, detected):
     from orchestrator.train.formats import detect_layout

@@ -61,7 +61,8 @@ def detect_layout(spec: DataSpec, columns: Sequence[str], where: str, path: str)
         fmt = "prompt_completion"  # present, or named by the user: read as asked
     if fmt is None:
         fits = [name for name, needed in (("messages", ("messages",)), ("sharegpt", ("conversations",)),
-                                          ("alpaca", ("instruction", "output"))) if all(c in columns for c in needed)]
+                                          ("alpaca", ("instruction", "output")), ("text", ("text",)))
+                if all(c in columns for c in needed)]
         if len(fits) > 1:
             raise PreflightError(f"data.format: {path} could be {' or '.join(fits)} (columns: {', '.join(columns)}); "
                                  f"set data.format")
