@@ -197,3 +197,25 @@ def test_local_search_with_asha_leaderboard_plot_best_adapter_resume_and_trial_e
 
     with pytest.raises(OrchestratorError, match="already exists"):
         orchestrator.tune(spec, echo=lines.append)
+
+
+def test_an_optuna_search_draws_per_method_dimensions_and_resumes_after_a_failed_trial(ray_session, s3_storage_uri, faults_file):
+    spec = make_spec(
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},
+        train={"max_steps": 10, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 5, "log_every": 5, "max_failures": 0},
+        tune={"name": "optuna", "num_samples": 3, "search": "optuna", "seed": 1, "scheduler": {"type": "fifo"},
+              "space": {"adapter.method": {"choice": ["lora", "vera"]}, "adapter.r@lora": {"choice": [4, 8]},
+                        "adapter.r@vera": {"choice": [32, 64]}, "optim.lr": {"loguniform": [1e-4, 1e-2]}}},
+    )
+    schedule_fault(faults_file, "*_00001", step=5)  # the second trial fails once; no restarts within the search
+    first = orchestrator.tune(spec, echo=print)
+    statuses = {row["trial"]: row["status"] for row in first.leaderboard}
+    assert len(statuses) == 3 and [t for t, s in statuses.items() if s == "error"] == [next(t for t in statuses if t.endswith("_00001"))]
+    params = {row["trial"]: row["params"] for row in first.leaderboard}
+    for values in params.values():  # only the drawn method's own dimensions
+        method = values["adapter.method"]
+        assert set(values) == {"adapter.method", "optim.lr", f"adapter.r@{method}"}, values
+
+    resumed = orchestrator.tune(spec, resume=True, echo=print)
+    assert [row["status"] for row in resumed.leaderboard] == ["complete"] * 3
+    assert {row["trial"]: row["params"] for row in resumed.leaderboard} == params  # the failed trial ran again as drawn

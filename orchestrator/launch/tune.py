@@ -26,6 +26,7 @@ from orchestrator.launch.runtime import ray_runtime, storage_for
 from orchestrator.plan import build_plan
 from orchestrator.results import tracking
 from orchestrator.search import trial_count, trial_raw
+from orchestrator.search.strategy import optuna_searcher, seeded_space
 from orchestrator.spec import JobSpec, spec_to_yaml, validate_spec
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import trial_layout
@@ -64,7 +65,7 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    values = {context["keys"][name]: value for name, value in sampled.items()}
+    values = {context["keys"][name]: value for name, value in sampled.items() if name in context["keys"]}
     spec = validate_spec(trial_raw(context["base"], values), source=f"trial {values}")
     trial_id = tune.get_context().get_trial_id()
     storage = open_storage(context["storage_uri"], spec.storage.endpoint_url)
@@ -129,16 +130,22 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
         options = spec.tune.scheduler
         scheduler = (ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
                                    grace_period=options.grace_period or spec.train.eval_every,
-                                   reduction_factor=options.reduction_factor)
+                                   reduction_factor=options.reduction_factor or 2.0)
                      if options.type == "asha" else FIFOScheduler())
         concurrency = max_concurrent_trials(spec, ray.cluster_resources())
-        echo(f"search {search}: {trial_count(spec.tune)} trials, up to {concurrency} at once, {options.type} on {spec.tune.metric}")
+        echo(f"search {search}: {trial_count(spec.tune)} trials ({spec.tune.search}), up to {concurrency} at once, "
+             f"{options.type} on {spec.tune.metric}")
+        if spec.tune.search == "optuna":
+            param_space, search_alg = {}, optuna_searcher(spec.tune, keys, spec.adapter.method, concurrency)
+        else:
+            param_space = seeded_space(spec.tune, keys)
+            search_alg = BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.tune.seed)
         tuner = ray_tune.Tuner(
             trainable,
-            param_space={name: spec.tune.space[key].to_tune() for name, key in keys.items()},
+            param_space=param_space,
             tune_config=ray_tune.TuneConfig(
                 metric=spec.tune.metric, mode=spec.tune.mode, scheduler=scheduler, num_samples=spec.tune.num_samples,
-                search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.tune.seed),
+                search_alg=search_alg,
             ),
             run_config=ray_tune.RunConfig(
                 name="tuner", storage_path=search_dir, storage_filesystem=fs, verbose=0,

@@ -71,7 +71,15 @@ class SchedulerSpec(BaseModel):
 
     type: Literal["asha", "fifo"] = Field("asha", description="asha stops poor trials early; fifo runs all to the end.")
     grace_period: Optional[int] = Field(None, ge=1, description="Steps before ASHA may stop a trial (default: train.eval_every).")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung.")
+    reduction_factor: Optional[float] = Field(None, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung (default 2).")
+
+    @model_validator(mode="after")
+    def _options_fit_the_scheduler(self) -> "SchedulerSpec":
+        if self.type == "fifo":
+            given = [name for name in ("grace_period", "reduction_factor") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given[0]} is an option of asha; fifo runs every trial to the end")
+        return self
 
 
 class TuneSpec(BaseModel):
@@ -84,15 +92,18 @@ class TuneSpec(BaseModel):
     metric: Literal["eval_loss", "loss"] = "eval_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    search: Literal["random"] = Field("random", description="Search algorithm.")
-    seed: int = Field(0, description="Seed of the sampler, so a search is reproducible.")
+    search: Literal["random", "grid", "optuna"] = Field("random", description=(
+        "random: sample choice/uniform/… dimensions, expand grid ones; grid: every combination of choice and grid "
+        "values; optuna: Optuna's TPE (define-by-run: the method first, then the dimensions that apply to it)."))
+    seed: int = Field(0, description="Seed of the sampler, so a search is reproducible; also the order grid points run in.")
 
 
 def trial_count(tune_spec: TuneSpec) -> int:
-    """num_samples, times the size of every grid dimension."""
+    """num_samples, times the size of every grid dimension (with search grid, of every choice dimension too)."""
     count = tune_spec.num_samples
     for dimension in tune_spec.space.values():
-        count *= len(dimension.grid) if dimension.grid is not None else 1
+        values = dimension.grid if dimension.grid is not None else (dimension.choice if tune_spec.search == "grid" else None)
+        count *= len(values) if values is not None else 1
     return count
 
 

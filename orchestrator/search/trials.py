@@ -38,6 +38,11 @@ def check_search(spec: JobSpec, trial_problem: Callable[[dict[str, Any]], Option
     """Every dimension names a searchable field, applies to some searched method, and each of its
     extreme values gives a valid trial spec (`trial_problem(raw)` is None). Raises ValueError naming
     `tune.space.<key>`."""
+    from orchestrator.search.strategy import strategy_problems
+
+    problems = strategy_problems(spec.tune)
+    if problems:
+        raise ValueError("; ".join(problems))
     space = spec.tune.space
     train = spec.train
     if train.eval_every == 0 or (train.checkpoint_every and train.checkpoint_every % train.eval_every):
