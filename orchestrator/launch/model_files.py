@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator.errors import PreflightError
+from orchestrator.errors import PreflightError, first_line
 
 # What from_pretrained loads, in its order of preference (transformers.utils' *_WEIGHTS_* names).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -75,7 +75,7 @@ def _unreadable(path: Path) -> Optional[str]:
         with safe_open(str(path), framework="pt"):
             return None
     except Exception as error:  # SafetensorError, OSError: a file from_pretrained would fail on
-        return f"has an unreadable weight file {path.name} ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        return f"has an unreadable weight file {path.name} ({first_line(error)})"
 
 
 def _cached_snapshot(hub_id: str) -> Optional[Path]:

@@ -10,7 +10,7 @@ from typing import Any
 from orchestrator.adapters import get_method
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.builtin.models import resolve_model_path
-from orchestrator.errors import PreflightError
+from orchestrator.errors import PreflightError, first_line
 from orchestrator.launch.model_files import check_causal_lm, check_weights
 from orchestrator.plan import estimate_adapter
 from orchestrator.spec import JobSpec
@@ -36,8 +36,7 @@ def load_model_config(spec: JobSpec) -> tuple[str, Any]:
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=spec.model.trust_remote_code)
     except Exception as error:  # OSError, ValueError, hub errors: all mean "not a usable model"
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PreflightError(f"model.path: {spec.model.path} is not a loadable model ({first_line})") from None
+        raise PreflightError(f"model.path: {spec.model.path} is not a loadable model ({first_line(error)})") from None
     check_causal_lm(spec.model.path, config)
     return model_path, config
 
