@@ -68,5 +68,5 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_rest(ray_session, fault
     orchestrator.run(spec(2, 3), local=False, run_id="two-workers", echo=print)
     got, want = adapter("elastic"), adapter("two-workers")
     gap = max((got[name] - want[name]).abs().max().item() for name in want)
-    print(f"elastic 3 → 2 workers after step 6: adapter gap to a 2-worker run {gap:.3g}")
+    print(f"elastic 3 → 2 workers after step 5: adapter gap to a 2-worker run {gap:.3g}")
     assert gap <= TOLERANCE

@@ -207,10 +207,13 @@ def test_an_optuna_search_draws_per_method_dimensions_and_resumes_after_a_failed
               "space": {"adapter.method": {"choice": ["lora", "vera"]}, "adapter.r@lora": {"choice": [4, 8]},
                         "adapter.r@vera": {"choice": [32, 64]}, "optim.lr": {"loguniform": [1e-4, 1e-2]}}},
     )
-    schedule_fault(faults_file, "*_00001", step=5)  # the second trial fails once; no restarts within the search
-    first = orchestrator.tune(spec, echo=print)
+    schedule_fault(faults_file, "*", step=5)  # the first trial to reach step 5 fails, once; no restarts within the search
+    try:
+        first = orchestrator.tune(spec, echo=print)
+    finally:  # a pattern this wide must not outlive the test
+        faults_file.write_text(json.dumps({k: v for k, v in json.loads(faults_file.read_text() or "{}").items() if k != "*"}))
     statuses = {row["trial"]: row["status"] for row in first.leaderboard}
-    assert len(statuses) == 3 and [t for t, s in statuses.items() if s == "error"] == [next(t for t in statuses if t.endswith("_00001"))]
+    assert len(statuses) == 3 and list(statuses.values()).count("error") == 1, statuses
     params = {row["trial"]: row["params"] for row in first.leaderboard}
     for values in params.values():  # only the drawn method's own dimensions
         method = values["adapter.method"]

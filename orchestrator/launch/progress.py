@@ -40,13 +40,22 @@ def format_event(event: dict) -> str | None:
 _END = {"event": "end of progress"}
 
 
+def on_the_driver_node():
+    """Where the driver's own actors go: its node, which lives as long as the run does. Placed by Ray's default they
+    may land on a worker node, and die with it when that node is lost (the multi-node test saw the queue go)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 class ProgressPrinter:
     """A Ray queue the workers write to and a driver thread that prints it."""
 
     def __init__(self, echo, newest_checkpoint: Callable[[], Optional[int]] = lambda: None):
         from ray.util.queue import Queue
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_the_driver_node()})
         self.echo = echo
         self.newest_checkpoint = newest_checkpoint  # the step a restarted worker group resumes from
         self.events: list[dict] = []

@@ -79,7 +79,7 @@ def _keep_global_batch(stored: dict, spec: JobSpec, run_id: str, echo) -> JobSpe
     if uneven:
         raise JobSpecError(f"scaling.num_workers: run {run_id}: {uneven_counts_message(total, uneven)}")
     batch_size, grad_accum = split_global_batch(total, spec.scaling.num_workers, now.batch_size)
-    echo(f"run {run_id} trained on {workers} workers: on {spec.scaling.num_workers}, batch_size {batch_size} × "
+    echo(f"run {run_id} trained on {workers} worker{'s' if workers != 1 else ''}: on {spec.scaling.num_workers}, batch_size {batch_size} × "
          f"grad_accum {grad_accum} keeps its global batch of {total}")
     return spec.model_copy(update={"train": now.model_copy(update={"batch_size": batch_size, "grad_accum": grad_accum})})
 

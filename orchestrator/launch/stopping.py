@@ -23,9 +23,13 @@ class Stopped(OrchestratorError):
 def stop_on_signal(echo: Callable[[str], None]) -> Iterator[tuple[object, threading.Event]]:
     """(the StopRequest actor for the workers' config, set once a stop was asked). Signal handlers need the
     main thread: elsewhere (a notebook's worker thread) only a second-hand stop is possible, and none is set."""
-    from orchestrator.train.control import start_stop_request
+    import ray
 
-    request, asked = start_stop_request(), threading.Event()
+    from orchestrator.launch.progress import on_the_driver_node
+    from orchestrator.train.control import StopRequest
+
+    request = ray.remote(StopRequest).options(num_cpus=0, scheduling_strategy=on_the_driver_node()).remote()
+    asked = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield request, asked
         return

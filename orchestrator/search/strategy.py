@@ -59,18 +59,25 @@ def optuna_searcher(tune: TuneSpec, keys: dict[str, str], base_method: Optional[
 
 def define_by_run(tune: TuneSpec, keys: dict[str, str], base_method: str) -> Callable[[Any], Optional[dict]]:
     """Optuna's trial → the trial's values: the method first, then the dimensions that apply to it."""
-    method_name = next((name for name, key in keys.items() if split_key(key)[0] == "adapter.method"), None)
+    return _DefineByRun(tune, keys, base_method)
 
-    def define(trial) -> Optional[dict]:
+
+class _DefineByRun:
+    """A class, not a closure: Tune pickles the searcher with its state at every checkpoint of the search."""
+
+    def __init__(self, tune: TuneSpec, keys: dict[str, str], base_method: str):
+        self.tune, self.keys, self.base_method = tune, keys, base_method
+        self.method_name = next((name for name, key in keys.items() if split_key(key)[0] == "adapter.method"), None)
+
+    def __call__(self, trial) -> Optional[dict]:
         constants: dict[str, Any] = {}
-        method = _suggest(trial, method_name, tune.space[keys[method_name]], constants) if method_name else base_method
+        space, keys, method_name = self.tune.space, self.keys, self.method_name
+        method = _suggest(trial, method_name, space[keys[method_name]], constants) if method_name else self.base_method
         fields = set(get_method(method).spec.model_fields)
         for name, key in keys.items():
             if name != method_name and applies(key, method, fields):
-                _suggest(trial, name, tune.space[key], constants)
+                _suggest(trial, name, space[key], constants)
         return constants or None
-
-    return define
 
 
 def _suggest(trial, name: str, dimension: Dimension, constants: dict[str, Any]) -> Any:

@@ -34,12 +34,6 @@ class StopRequest:
         return self._asked
 
 
-def start_stop_request():
-    import ray
-
-    return ray.remote(StopRequest).options(num_cpus=0).remote()
-
-
 class StepBoundary:
     """Worker side: what the group does after a step, agreed by every rank."""
 

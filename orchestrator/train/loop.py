@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from orchestrator.adapters import get_method
 from orchestrator.batching import global_batch, split_global_batch
+from orchestrator.errors import first_line
 from orchestrator.adapters.registry import peft_export
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
@@ -270,5 +271,9 @@ def _quiet_logs() -> None:
 
 
 def _emit(progress, **event) -> None:
+    """Console progress is best effort: training goes on if the driver's queue is gone."""
     if progress is not None:
-        progress.put_nowait(event)
+        try:
+            progress.put_nowait(event)
+        except Exception as error:  # RayActorError, a full queue: the run's storage holds what matters
+            logging.getLogger(__name__).warning("progress event dropped: %s", first_line(error, with_type=True))
