@@ -36,6 +36,14 @@ class Timed:
     def teardown_s(self) -> float:
         return self.exit_s - self.step_seen_s[max(self.step_seen_s)]
 
+    def mean_step_wall_s(self, skip_steps: int) -> float:
+        """Mean wall time per optimizer step after `skip_steps`, from this process's clock on the lines as they arrive:
+        what a user pays, periodic costs (logging, progress, anything every N steps) included."""
+        steps = sorted(step for step in self.step_seen_s if step > skip_steps)
+        if len(steps) < 2:
+            raise RuntimeError(f"fewer than two step lines after step {skip_steps}: {' '.join(self.command)}")
+        return (self.step_seen_s[steps[-1]] - self.step_seen_s[steps[0]]) / (steps[-1] - steps[0])
+
     def steady_tokens_per_s(self, skip_steps: int) -> float:
         """Median throughput over the windows after `skip_steps` (warm-up excluded)."""
         if self.step_clock:  # a baseline: windows of 10 steps from its own per-step clock

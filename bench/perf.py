@@ -64,8 +64,14 @@ def throughput(bench: Bench) -> list[Figure]:
     plain = bench.baseline("plain", spec, "throughput-plain")
     ours = bench.orchestrator(spec, "throughput")
     plain_rate, our_rate = plain.steady_tokens_per_s(bench.warmup_steps), ours.steady_tokens_per_s(bench.warmup_steps)
-    return [Figure("throughput_vs_plain_peft", our_rate / plain_rate, ">=", 0.90, "ratio",
-                   f"{our_rate:,.0f} vs {plain_rate:,.0f} tok/s")]
+    plain_step, our_step = plain.mean_step_wall_s(bench.warmup_steps), ours.mean_step_wall_s(bench.warmup_steps)
+    return [
+        # Same batches and steps: the ratio of mean wall times per step is the ratio of throughputs a user sees.
+        Figure("throughput_vs_plain_peft", plain_step / our_step, ">=", 0.95, "ratio",
+               f"mean wall time per step from the bench's clock: {1000 * our_step:.1f} vs {1000 * plain_step:.1f} ms"),
+        Figure("throughput_vs_plain_peft_median_window", our_rate / plain_rate, ">=", 0.90, "ratio",
+               f"median of 10-step windows, each contender's own clock: {our_rate:,.0f} vs {plain_rate:,.0f} tok/s"),
+    ]
 
 
 def overhead(bench: Bench) -> list[Figure]:
