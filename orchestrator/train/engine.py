@@ -16,11 +16,10 @@ _INFERENCE_ONLY_CPU_OPS = ("deepspeed_shm_comm",)
 
 def prepare_deepspeed(use_gpu: bool) -> None:
     """Call before DeepSpeed's first use in the process. On CPU: its CPU accelerator (which skips the
-    GPU probe and its warning), without building ops that training never calls, and freed tensors given back."""
+    GPU probe and its warning), without building ops that training never calls."""
     if use_gpu:
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return_freed_tensors_to_the_system(1 << 20)
     import deepspeed.ops
 
     # DeepSpeed consults this dict before building an op, and keeps edits to it for the process.
@@ -47,8 +46,9 @@ def return_freed_tensors_to_the_system(threshold: int) -> None:
     """glibc serves allocations below a threshold that grows up to 32 MB from heaps it rarely shrinks; on CPU,
     activations and ZeRO-3's gathered weights (allocated and freed every step, also from the communication
     threads) then pile up there: a 2-worker ZeRO-3 run of a 300M model grew to 4× the model's bytes per worker.
-    Fixed at `threshold` bytes, every larger tensor is mapped on its own and unmapped when freed (1 MB on CPU;
-    128 KB under ZeRO-3, whose gathers churn most). Not glibc (macOS, musl): nothing to do."""
+    Fixed at `threshold` bytes, every larger tensor is mapped on its own and unmapped when freed: under ZeRO-3 on
+    CPU only (128 KB), since each such tensor is then mapped and zeroed afresh (at 1 MB for every CPU run the
+    throughput bench's step took twice as long). Not glibc (macOS, musl): nothing to do."""
     import ctypes
     import ctypes.util
 
