@@ -24,8 +24,9 @@ def split_global_batch(total: int, workers: int, batch_size: int) -> tuple[int, 
     return batch, share // batch
 
 
-def worker_counts_that_fit(total: int, low: int, high: int) -> list[int]:
-    return [n for n in range(low, high + 1) if total % n == 0]
+def uneven_worker_counts(total: int, low: int, high: int) -> list[int]:
+    """The worker counts from `low` to `high` that cannot share `total` evenly."""
+    return [n for n in range(low, high + 1) if total % n]
 
 
 def uneven_counts_message(total: int, counts: list[int]) -> str:

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from orchestrator.adapters import DEFAULT_METHOD, all_methods, get_method
-from orchestrator.batching import global_batch, uneven_counts_message, worker_counts_that_fit
+from orchestrator.batching import global_batch, uneven_counts_message, uneven_worker_counts
 from orchestrator.errors import JobSpecError
 from orchestrator.search import TuneSpec, check_search
 
@@ -263,7 +263,7 @@ class JobSpec(_Section):
             problems.append("scaling.accelerator_type: needs scaling.use_gpu: true")
         low, high = self.scaling.worker_range
         total = global_batch(self.train.batch_size, self.train.grad_accum, high)
-        uneven = [n for n in range(low, high + 1) if n not in worker_counts_that_fit(total, low, high)]
+        uneven = uneven_worker_counts(total, low, high)
         if low > high:
             problems.append(f"scaling.min_workers: {low} is more than num_workers ({high})")
         elif uneven:

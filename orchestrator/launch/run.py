@@ -13,7 +13,7 @@ from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
 from orchestrator.launch.progress import ProgressPrinter
 from orchestrator.launch.runtime import require_resources, storage_and_ray, with_local_cpu_share
-from orchestrator.batching import global_batch, split_global_batch, uneven_counts_message
+from orchestrator.batching import global_batch, split_global_batch, uneven_counts_message, uneven_worker_counts
 from orchestrator.plan import build_plan
 from orchestrator.results import tracking
 from orchestrator.spec import JobSpec, spec_to_yaml
@@ -75,7 +75,7 @@ def _keep_global_batch(stored: dict, spec: JobSpec, run_id: str, echo) -> JobSpe
         raise JobSpecError(f"{field}: changes run {run_id}'s global batch ({total} there, "
                            f"{global_batch(now.batch_size, now.grad_accum, spec.scaling.num_workers)} now); start a new run instead")
     low, high = spec.scaling.worker_range
-    uneven = [n for n in range(low, high + 1) if total % n]
+    uneven = uneven_worker_counts(total, low, high)
     if uneven:
         raise JobSpecError(f"scaling.num_workers: run {run_id}: {uneven_counts_message(total, uneven)}")
     batch_size, grad_accum = split_global_batch(total, spec.scaling.num_workers, now.batch_size)

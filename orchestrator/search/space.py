@@ -48,6 +48,10 @@ class Dimension(BaseModel):
     def kind(self) -> str:
         return next(name for name in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, name) is not None)
 
+    def grid_values(self, search: str) -> Optional[list[Any]]:
+        """The values tried one by one: a grid's, and with search grid a choice's too; None for sampled ones."""
+        return self.grid if self.grid is not None else (self.choice if search == "grid" else None)
+
     def extremes(self) -> list[Any]:
         """Values that bound what the dimension can produce: every choice, or both ends."""
         return list(getattr(self, self.kind))
@@ -102,7 +106,7 @@ def trial_count(tune_spec: TuneSpec) -> int:
     """num_samples, times the size of every grid dimension (with search grid, of every choice dimension too)."""
     count = tune_spec.num_samples
     for dimension in tune_spec.space.values():
-        values = dimension.grid if dimension.grid is not None else (dimension.choice if tune_spec.search == "grid" else None)
+        values = dimension.grid_values(tune_spec.search)
         count *= len(values) if values is not None else 1
     return count
 

@@ -38,7 +38,7 @@ def seeded_space(tune: TuneSpec, keys: dict[str, str]) -> dict[str, Any]:
     space = {}
     for name, key in keys.items():
         dimension = tune.space[key]
-        values = dimension.grid if dimension.grid is not None else (dimension.choice if tune.search == "grid" else None)
+        values = dimension.grid_values(tune.search)
         if values is not None:
             shuffled = list(values)
             generator.shuffle(shuffled)
