@@ -27,6 +27,11 @@ class Timed:
     step_clock: dict[int, tuple[float, int]] = field(default_factory=dict)  # baselines: (in-process clock, tokens)
     checkpoint_blocked_s: list[float] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
+    output_s: list[float] = field(default_factory=list)  # when each line of output arrived
+
+    def seen_s(self, start: str) -> float | None:
+        """When the first line starting with `start` arrived (None if none did)."""
+        return next((at for at, line in zip(self.output_s, self.output) if line.startswith(start)), None)
 
     @property
     def first_step_s(self) -> float:
@@ -65,6 +70,7 @@ def run_timed(command: list[str], env: dict | None = None, timeout_s: float = 18
     for line in process.stdout:
         now = time.monotonic() - started
         timed.output.append(line.rstrip())
+        timed.output_s.append(now)
         if match := _ORCHESTRATOR_STEP.search(line):
             step = int(match[1])
             timed.step_seen_s.setdefault(step, now)

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -45,12 +50,24 @@ class Bench:
     def workload(self, **shape) -> Workload:
         return build_workload(self.root / "workload", **shape)
 
-    def orchestrator(self, spec: dict, tag: str) -> Timed:
+    def orchestrator(self, spec: dict, tag: str, env: dict | None = None) -> Timed:
         """`orchestrator run --local` as a user types it; local mode starts (and stops) its own store."""
         path = self.root / f"{tag}.yaml"
         path.write_text(yaml.safe_dump(spec))
-        env = {**os.environ, "ORCHESTRATOR_STORE_DIR": str(self.root / f"store-{tag}")}
+        env = {**os.environ, "ORCHESTRATOR_STORE_DIR": str(self.root / f"store-{tag}"), **(env or {})}
         return run_timed(python("-m", "orchestrator", "run", "--local", str(path)), env=env)
+
+    @contextmanager
+    def warm_runtime(self, tag: str) -> Iterator[tuple[dict, float]]:
+        """`orchestrator up` in a home of its own (so that no user's warm runtime is touched); yields the
+        environment that runs use it with, and the seconds `up` took. `orchestrator down` after."""
+        env = {"ORCHESTRATOR_HOME": str(self.root / f"home-{tag}"), "ORCHESTRATOR_STORE_DIR": str(self.root / f"store-{tag}")}
+        started = time.monotonic()
+        subprocess.run(python("-m", "orchestrator", "up"), env={**os.environ, **env}, check=True, capture_output=True)
+        try:
+            yield env, time.monotonic() - started
+        finally:
+            subprocess.run(python("-m", "orchestrator", "down"), env={**os.environ, **env}, check=True, capture_output=True)
 
     def baseline(self, kind: str, spec: dict, tag: str) -> Timed:
         path = self.root / f"{tag}.json"
@@ -79,15 +96,30 @@ def overhead(bench: Bench) -> list[Figure]:
     spec = job_spec(bench.workload(), name="bench-overhead", steps=bench.steps, workers=2, zero_stage=2)
     bare = bench.baseline("deepspeed", spec, "overhead-bare")
     ours = bench.orchestrator(spec, "overhead")
+    with bench.warm_runtime("overhead-warm") as (env, up_s):
+        warm = bench.orchestrator(spec, "overhead-warm", env=env)
     bare_rate, our_rate = bare.steady_tokens_per_s(bench.warmup_steps), ours.steady_tokens_per_s(bench.warmup_steps)
     return [
         Figure("step_time_vs_bare_deepspeed", bare_rate / our_rate, "<=", 1.05, "ratio",
                f"{our_rate:,.0f} vs {bare_rate:,.0f} tok/s"),
         Figure("time_to_first_step", ours.first_step_s, "<=", 12, "s",
                f"bare DeepSpeed {bare.first_step_s:.1f} s, ratio {ours.first_step_s / bare.first_step_s:.2f}"),
+        Figure("time_to_first_step_warm_vs_cold", warm.first_step_s / ours.first_step_s, "<=", 0.5, "ratio",
+               f"warm {warm.first_step_s:.1f} s vs cold {ours.first_step_s:.1f} s, the same job after `orchestrator up` "
+               f"({up_s:.1f} s, once); warm: {_start_phases(warm)}; cold: {_start_phases(ours)}"),
         Figure("last_step_to_exit", ours.teardown_s, "<=", 5, "s",
                f"adapter, summary and manifests in storage; bare DeepSpeed {bare.teardown_s:.1f} s without saving"),
     ]
+
+
+def _start_phases(timed: Timed) -> str:
+    """Where a run's start went, from its console lines: Ray and storage ready (the run named), the worker loop
+    started (the first step's line says how long after), the model ready, the first step."""
+    phases = [("run named", timed.seen_s("new run ")), ("model ready", timed.seen_s("model ready"))]
+    first = next((match for line in timed.output if (match := re.search(r"step \d+ done \(([\d.]+) s after the worker started", line))), None)
+    if first:
+        phases.insert(1, ("worker loop", timed.first_step_s - float(first[1])))
+    return ", ".join(f"{name} {at:.1f} s" for name, at in [*phases, ("step 1", timed.first_step_s)] if at is not None)
 
 
 def checkpoint_cost(bench: Bench, checkpoint_every: int = 50) -> list[Figure]:

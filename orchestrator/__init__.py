@@ -15,6 +15,7 @@ stays light:
     submit(spec, address=None, tune=False, ...) -> Submission   a run or search on a running Ray cluster
     list_jobs(address=None) · status(id) · logs(id, follow=False) · stop(id)   submitted jobs
     serve_store(data_dir=None)                    the embedded S3 store in the foreground (a head's storage)
+    up(idle_timeout_min=30, cpus=None) · down()   a warm local runtime (Ray and the store) that `run(local=True)` joins
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from orchestrator.launch.runtime import serve_store
     from orchestrator.launch.submit import submit
     from orchestrator.launch.tune import tune
+    from orchestrator.launch.warm import down, up
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,8 @@ _LAZY = {
     "logs": "orchestrator.launch.jobs",
     "stop": "orchestrator.launch.jobs",
     "serve_store": "orchestrator.launch.runtime",
+    "up": "orchestrator.launch.warm",
+    "down": "orchestrator.launch.warm",
 }
 
 
@@ -82,6 +86,6 @@ def plan(spec: JobSpec) -> Plan:
 
 
 
-__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "Plan", "PreflightError", "StorageError", "compare", "export",
-           "list_jobs", "load_spec", "logs", "plan", "run", "runs", "serve_store", "show", "status", "stop", "submit",
-           "tune"]
+__all__ = ["JobSpec", "JobSpecError", "OrchestratorError", "Plan", "PreflightError", "StorageError", "compare", "down",
+           "export", "list_jobs", "load_spec", "logs", "plan", "run", "runs", "serve_store", "show", "status", "stop",
+           "submit", "tune", "up"]

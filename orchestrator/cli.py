@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     store = commands.add_parser("store", help="serve the embedded S3 store in the foreground and print its settings "
                                               "(storage for a head from cluster/local.sh)")
     store.add_argument("--dir", help="where it keeps its data (default ~/.cache/orchestrator/store)")
+    up = commands.add_parser("up", help="keep a local Ray and the embedded S3 store running in the background for "
+                                        "`run --local` (a warm start); `orchestrator down` stops them")
+    up.add_argument("--idle-timeout", type=float, default=30.0, metavar="MINUTES",
+                    help="stop after this many minutes without a run (default 30)")
+    up.add_argument("--cpus", type=int, help="CPUs Ray offers (default: all of this machine's)")
+    commands.add_parser("down", help="stop what `orchestrator up` started (the store's data is kept)")
     _cluster_commands(commands, job_command)
     _results_commands(commands)
     return parser
@@ -159,6 +165,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "store":
         orchestrator.serve_store(args.dir)
+        return 0
+    if args.command == "up":
+        orchestrator.up(idle_timeout_min=args.idle_timeout, cpus=args.cpus)
+        return 0
+    if args.command == "down":
+        orchestrator.down()
         return 0
     if args.command in ("list", "status", "logs", "stop"):
         return _cluster_dispatch(args)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from orchestrator.errors import OrchestratorError, first_line
+from orchestrator.launch.warm import connect, warm_runtime_for
 from orchestrator.spec import JobSpec
 from orchestrator.storage.objectstore import DEFAULT_BUCKET, DEFAULT_STORAGE, embedded_store, exported_env, free_ports
 
@@ -18,12 +19,14 @@ def storage_and_ray(spec: JobSpec, local: bool, echo, idle_driver_slots: int = 0
     while Ray starts (saving ~2 s of a local run's start on 2 cores); its credentials are exported
     before Ray so that its workers inherit them. It is asked to stop after Ray: asked while Ray's
     workers still held connections to it, it took 15 s instead of 2 to exit. The command does not wait
-    for it to finish (see EmbeddedObjectStore.stop)."""
+    for it to finish (see EmbeddedObjectStore.stop). A running warm runtime (`orchestrator up`) that can
+    hold the job is used instead of both (launch/warm.py)."""
     import ray
 
-    if spec.storage.uri is not None or not local or ray.is_initialized():
+    warm = warm_runtime_for(spec, echo) if local and not ray.is_initialized() else None
+    if spec.storage.uri is not None or not local or ray.is_initialized() or warm is not None:
         with storage_for(spec, local, echo) as storage_uri, ray_runtime(spec, local, idle_driver_slots,
-                                                                        trim_train_helpers=local):
+                                                                        trim_train_helpers=local, warm=warm):
             yield storage_uri
         return
     with embedded_store(echo, alongside=ray_runtime(spec, local, idle_driver_slots, trim_train_helpers=True)):
@@ -104,8 +107,9 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_
 
 
 @contextmanager
-def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_train_helpers: bool = False) -> Iterator[None]:
-    """Use a running Ray; else start one in-process (local) or connect to RAY_ADDRESS.
+def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_train_helpers: bool = False,
+                warm=None) -> Iterator[None]:
+    """Use a running Ray; else join the `warm` runtime, start one in-process (local) or connect to RAY_ADDRESS.
 
     `idle_driver_slots`: extra CPUs declared in local mode for processes that mostly wait (Tune's
     trial drivers each take 0.01 CPU, which would otherwise leave the last worker CPU unusable).
@@ -117,14 +121,13 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
         return
     trimmed = {k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ} if local and trim_train_helpers else {}
     with exported_env(trimmed):  # the driver's Train code and the controller read them while this Ray lives
-        if local:
+        if warm is not None:
+            connect(warm)  # as below, without the workers' output
+        elif local:
             cpus_needed = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
             # The workers' output (Ray Train prints every failed rank's traceback) stays in Ray's session
             # logs: the console gets progress through a queue and a failure as three lines (launch/failures.py).
             start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus_needed) + idle_driver_slots, log_to_driver=False)
-            # So do the errors the raylet pushes to the driver (a dead worker, in one long line): they are in
-            # the session's events/event_RAYLET.log. Ray's flag for this is the one its debugger uses.
-            ray._private.worker._worker_logs_enabled = False
         else:
             address = os.environ.get("RAY_ADDRESS", "auto")
             try:
@@ -134,6 +137,10 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
                     f"cannot connect to a Ray cluster at RAY_ADDRESS={address!r} ({first_line(error)}); use --local for "
                     f"single-node mode, or `orchestrator submit` to send the job to a cluster"
                 ) from None
+        if local:
+            # So do the errors the raylet pushes to the driver (a dead worker, in one long line): they are in
+            # the session's events/event_RAYLET.log. Ray's flag for this is the one its debugger uses.
+            ray._private.worker._worker_logs_enabled = False
         try:
             yield
         finally:
@@ -144,8 +151,9 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read before RAY_ADDRESS by Ray's state-API clients
 
 
-def start_local_ray(**init_options) -> None:
-    """Start a one-machine Ray whose own processes find its state API even beside another Ray instance.
+def start_local_ray(**init_options) -> dict[str, str]:
+    """Start a one-machine Ray whose own processes find its state API even beside another Ray instance;
+    returns the environment its processes started with.
 
     Train V2's PlacementGroupCleaner asks the state API (served by the dashboard) whether the controller
     still lives. With no address given, Ray looks for "the" local instance and raises when it finds two
@@ -162,3 +170,4 @@ def start_local_ray(**init_options) -> None:
         # machine (or follows the ray_current_cluster file a dead one left) and then refuses num_cpus.
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                  logging_level="WARNING", **init_options)
+        return dict(os.environ)  # with what ray.init itself sets before starting them (RAY_AUTH_MODE)

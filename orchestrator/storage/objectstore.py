@@ -18,10 +18,13 @@ from typing import Callable, Iterator, Optional
 
 from orchestrator.builtin import cache_home
 from orchestrator.errors import StorageError
+from orchestrator.process_state import is_running, read_json, recorded, write_private_json
 
 DEFAULT_BUCKET = "orchestrator"
 # Local mode's storage: the embedded store's bucket, where runs go when the spec names no storage.
 DEFAULT_STORAGE = f"s3://{DEFAULT_BUCKET}"
+# Written in the data directory while a server there is kept running for other commands (see EmbeddedObjectStore.share).
+SHARED_RECORD = "shared-server.json"
 # Every listener `weed mini` opens; each gets a free loopback port so several servers can coexist.
 _PORT_FLAGS = (
     "s3.port", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -126,6 +129,24 @@ class EmbeddedObjectStore:
         self._ports: dict[str, int] | None = None  # kept, so that a restart serves the same endpoint
         self._log_path = self.data_dir / "weed.log"
 
+    @classmethod
+    def shared(cls, data_dir: str | Path) -> "EmbeddedObjectStore | None":
+        """The server another process keeps running on `data_dir` for other commands to use (`orchestrator up`
+        does), if it runs and answers; a handle to it that does not stop it."""
+        record = read_json(Path(data_dir) / SHARED_RECORD)
+        if record is None or not is_running(tuple(record.get("process", (0, None)))):
+            return None
+        store = cls(data_dir)
+        store.endpoint_url, store.access_key, store.secret_key = record["endpoint_url"], record["access_key"], record["secret_key"]
+        return store if store.answers() else None
+
+    def share(self) -> None:
+        """Record this server on its data directory, so that commands started while it runs use it instead of
+        starting a second server there (which would exit at start: the directory is locked)."""
+        write_private_json(self.data_dir / SHARED_RECORD, {
+            "endpoint_url": self.endpoint_url, "access_key": self.access_key, "secret_key": self.secret_key,
+            "process": recorded(self._process.pid)})
+
     def start(self, timeout_s: float = 60.0) -> "EmbeddedObjectStore":
         self.launch()
         self.wait_until_serving(timeout_s)
@@ -156,17 +177,21 @@ class EmbeddedObjectStore:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise StorageError(f"embedded object store exited at start (log: {self._log_path})")
-            try:
-                urllib.request.urlopen(self.endpoint_url, timeout=1)
-            except urllib.error.HTTPError:
-                # An S3 error reply (403 for anonymous access) means the server is up.
-                if self._buckets_ready():
-                    return
-            except OSError:
-                pass
+            if self.answers() and self._buckets_ready():
+                return
             time.sleep(0.2)
         self.stop()
         raise StorageError(f"embedded object store did not start within {timeout_s:.0f}s (log: {self._log_path})")
+
+    def answers(self) -> bool:
+        """Whether the server answers HTTP: an S3 error reply (403 for anonymous access) means it is up."""
+        try:
+            urllib.request.urlopen(self.endpoint_url, timeout=1)
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+        return True
 
     def _buckets_ready(self) -> bool:
         import s3fs
@@ -198,6 +223,9 @@ class EmbeddedObjectStore:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
+        record = read_json(self.data_dir / SHARED_RECORD)
+        if record and record.get("process", [None])[0] == process.pid:  # share()'s record, true no longer
+            (self.data_dir / SHARED_RECORD).unlink(missing_ok=True)
         os.killpg(process.pid, signal.SIGTERM)
         if not wait:
             self._stopping_marker.write_text(str(process.pid))
@@ -240,7 +268,15 @@ def embedded_store(echo: Callable[[str], None] | None = print, *, data_dir: str 
 
     `alongside` (Ray's start) is entered as soon as the server's endpoint and credentials are known,
     while it comes up, and left before the server is asked to stop. The block does not wait for that
-    stop unless `wait_for_stop` (see EmbeddedObjectStore.stop)."""
+    stop unless `wait_for_stop` (see EmbeddedObjectStore.stop). A server kept running on that directory
+    (by `orchestrator up`) is used instead of starting one, and left running."""
+    shared = EmbeddedObjectStore.shared(data_dir or local_store_dir())
+    if shared is not None:
+        with exported_env(shared.env()), alongside or nullcontext():
+            if echo is not None:
+                echo(f"embedded object store: {shared.endpoint_url}, kept running by `orchestrator up` (data in {shared.data_dir})")
+            yield shared
+        return
     store = EmbeddedObjectStore(data_dir or local_store_dir())
     store.launch()
     try:
