@@ -67,6 +67,13 @@ def descendants(pid: int) -> list[tuple[int, int | None]]:
     return found
 
 
+def environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 class Shell:
     """`orchestrator …` commands as a user's shell runs them, all with one ORCHESTRATOR_HOME."""
 
@@ -126,7 +133,7 @@ def test_runs_join_the_warm_runtime_and_see_nothing_of_each_other(tmp_path, obje
     runtime = shell.runtime()
     assert "warm runtime up: Ray at" in started.stdout and runtime is not None
     assert (shell.home / "warm-runtime.json").stat().st_mode & 0o777 == 0o600
-    raylet_env = Path(f"/proc/{runtime.processes['raylet'][0]}/environ").read_bytes().split(b"\0")
+    raylet_env = environ(runtime.processes["raylet"][0]).split(b"\0")
     assert not [v for v in raylet_env if v.startswith((b"AWS_", b"ORCHESTRATOR_"))], "the shell's settings reached Ray"
     assert "warm runtime already running" in shell("up").stdout
 
@@ -146,6 +153,8 @@ def test_runs_join_the_warm_runtime_and_see_nothing_of_each_other(tmp_path, obje
     assert joined_warm_ray(run_b, runtime), run_b.stdout
     assert "kept running by `orchestrator up`" in run_b.stdout
     assert not Path(f"{faults}.paused").exists(), "run A's ORCHESTRATOR_FAULTS reached run B's workers"
+    kept = [pid for pid, _ in descendants(runtime.daemon[0]) if f"ORCHESTRATOR_FAULTS={faults}".encode() in environ(pid)]
+    assert not kept, f"processes with run A's environment live on in the runtime: {kept}"
     with exported_env(EmbeddedObjectStore.shared(runtime.store_dir).env()):
         assert stored_summary(run_b.stdout)["steps"] == 2
     assert shell.runtime() == runtime and runtime.dead_part() is None, "the runs left the runtime healthy"

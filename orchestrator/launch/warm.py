@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from orchestrator.builtin import cache_home
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, first_line
 from orchestrator.process_state import RecordedProcess, is_running, kill_all, read_json, recorded, write_private_json
 from orchestrator.spec import JobSpec
 from orchestrator.storage.objectstore import EmbeddedObjectStore, exported_env, local_store_dir
@@ -215,8 +215,12 @@ def connect(runtime: WarmRuntime) -> None:
     auth = {name: runtime.ray_env[name] for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH") if name in runtime.ray_env}
     with exported_env(auth):
         Config.initialize("")
-        ray.init(address=runtime.gcs_address, logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": env_vars})
+        try:
+            ray.init(address=runtime.gcs_address, logging_level="WARNING", log_to_driver=False,
+                     runtime_env={"env_vars": env_vars})
+        except (ConnectionError, RuntimeError) as error:  # stopped since it was checked, or another Ray version
+            raise OrchestratorError(f"warm runtime: cannot join Ray at {runtime.gcs_address} ({first_line(error)}); "
+                                    f"run again (`orchestrator down` forgets it)") from None
 
 
 def serve(state: Path, store_dir: Path, cpus: int, idle_timeout_min: float) -> None:
@@ -234,6 +238,7 @@ def serve(state: Path, store_dir: Path, cpus: int, idle_timeout_min: float) -> N
     store.launch()  # comes up while Ray starts
     try:
         ray_env = start_local_ray(num_cpus=cpus, log_to_driver=False)
+        _start_shared_train_actor()
         store.wait_until_serving()
         store.share()
         node = ray._private.worker._global_node  # where Ray's processes are has no public API
@@ -254,6 +259,22 @@ def serve(state: Path, store_dir: Path, cpus: int, idle_timeout_min: float) -> N
             state.unlink(missing_ok=True)
         ray.shutdown()
         store.stop()
+
+
+def _start_shared_train_actor() -> None:
+    """Start the one actor Ray Train shares between runs (the AutoscalingCoordinator: detached, named, made by the
+    first controller that asks for it, then reused by all). Made by a run, it would keep that run's environment
+    (its runtime_env: credentials) for the runtime's life, serving every later run; made here, it has Ray's
+    scrubbed environment, and it is up before the first run asks (one worker process fewer on each run's start)."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # a Ray without it: nothing is shared
+        return
+    ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
 
 
 def _wait_while_used(runtime: WarmRuntime, store: EmbeddedObjectStore, own_job: str) -> None:
