@@ -55,8 +55,11 @@ def deepspeed_config(spec: JobSpec, model_config: Any | None = None, trainable_p
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         if model_config is not None:
             live = zero3_live_parameters(model_config)
-            zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live,
-                        stage3_prefetch_bucket_size=live // 2)
+            # On CPU DeepSpeed's streams are no-ops: gathering ahead (prefetch) or keeping the last layer
+            # gathered from forward into backward (reuse distance) overlaps nothing, it only holds more.
+            ahead = spec.scaling.use_gpu
+            zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live if ahead else 0,
+                        stage3_prefetch_bucket_size=live // 2 if ahead else 0)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,

@@ -78,10 +78,15 @@ def test_gpu_memory_gb_overrides_the_accelerator_type_and_needs_gpus():
 
 
 def test_zero3_config_keeps_one_layer_gathered():
-    config = deepspeed_config(make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": 3}), _llama_7b())["zero_optimization"]
+    gpu = make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": 3}, scaling={"use_gpu": True})
+    config = deepspeed_config(gpu, _llama_7b())["zero_optimization"]
     layer = 4 * 4096**2 + 3 * 4096 * 11008
     assert config["stage3_max_live_parameters"] == config["stage3_max_reuse_distance"] == layer
     assert config["stage3_prefetch_bucket_size"] == layer // 2
+    # On CPU nothing overlaps: nothing is gathered ahead or kept gathered from forward into backward.
+    cpu = deepspeed_config(make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": 3}), _llama_7b())["zero_optimization"]
+    assert cpu["stage3_max_live_parameters"] == layer
+    assert cpu["stage3_prefetch_bucket_size"] == cpu["stage3_max_reuse_distance"] == 0
     assert "stage3_max_live_parameters" not in deepspeed_config(make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": 3}))["zero_optimization"]
 
 

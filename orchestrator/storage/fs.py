@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,16 +81,23 @@ class Storage:
         return sorted(name[len(prefix):] for name in found if name.startswith(prefix))
 
     def upload_dir(self, local_dir: str | Path, remote_dir: str) -> None:
+        """File by file, streamed (put_file sends large files in parts): none is held in memory whole."""
         for file in sorted(Path(local_dir).rglob("*")):
             if file.is_file():
-                relative = file.relative_to(local_dir).as_posix()
-                self.write_bytes(posixpath.join(remote_dir, relative), file.read_bytes())
+                remote = posixpath.join(remote_dir, file.relative_to(local_dir).as_posix())
+                if "file" in self.fs.protocol:  # through a temp file, as write_bytes
+                    self.fs.makedirs(posixpath.dirname(remote), exist_ok=True)
+                    temp = f"{remote}.tmp-{uuid.uuid4().hex[:8]}"
+                    shutil.copyfile(file, temp)
+                    os.replace(temp, remote)
+                else:
+                    self.fs.put_file(str(file), remote, chunksize=UPLOAD_PART_BYTES)
 
     def download_dir(self, remote_dir: str, local_dir: str | Path) -> None:
         for relative in self.list_files(remote_dir):
             target = Path(local_dir) / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read_bytes(posixpath.join(remote_dir, relative)))
+            self.fs.get_file(posixpath.join(remote_dir, relative), str(target))
 
     @contextmanager
     def errors_in_one_line(self) -> Iterator[None]:
@@ -134,6 +142,11 @@ def describe_storage_error(error: Exception) -> str:
 # backoff with jitter, capped at 20 s per wait; 10 attempts span roughly half a minute to two).
 _FAIL_FAST = {"max_attempts": 3}
 _PATIENT = {"max_attempts": 10, "mode": "standard"}
+
+
+# A file above twice this goes up in parts of this size (boto3's transfers use 8 MB parts too): a worker
+# holds one part of a checkpoint's optimizer state at a time, not the file (gigabytes for a 70B adapter).
+UPLOAD_PART_BYTES = 8 * 2**20
 
 
 def open_storage(uri: str, endpoint_url: str | None = None, patient: bool = False) -> Storage:

@@ -19,11 +19,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """Streamed: an adapter's optimizer state can be gigabytes, which a worker should not hold twice."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def hash_local_dir(local_dir: str | Path) -> dict[str, str]:
     """{relative posix path: sha256} for every file below `local_dir`."""
     root = Path(local_dir)
     return {
-        file.relative_to(root).as_posix(): sha256_bytes(file.read_bytes())
+        file.relative_to(root).as_posix(): sha256_file(file)
         for file in sorted(root.rglob("*"))
         if file.is_file()
     }

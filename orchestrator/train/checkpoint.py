@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from orchestrator.train import optim_state
+from orchestrator.train.engine import trim_freed_heap
 
 ADAPTER_FLAG = "orchestrator_adapter"
 
@@ -158,6 +159,7 @@ class Checkpointer:
         local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{state.step}-rank{self.rank}-"))
         save_adapter(self.engine.module, local / "adapter", zero3=self.zero3, is_writer=self.rank == 0, export=self.export)
         save_training_state(self.engine, local, self.rank, state)
+        trim_freed_heap()
         self.run.report_checkpoint(local, state.step, metrics, history, self.rank)
         self.last_dir = local
         return local

@@ -42,20 +42,36 @@ def build_engine(model, optimizer, spec: JobSpec, lr_scheduler=None, ds_config: 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
-def return_freed_tensors_to_the_system(threshold: int) -> None:
-    """glibc serves allocations below a threshold that grows up to 32 MB from heaps it rarely shrinks; on CPU,
-    activations and ZeRO-3's gathered weights (allocated and freed every step, also from the communication
-    threads) then pile up there: a 2-worker ZeRO-3 run of a 300M model grew to 4× the model's bytes per worker.
-    Fixed at `threshold` bytes, every larger tensor is mapped on its own and unmapped when freed: under ZeRO-3 on
-    CPU only (128 KB), since each such tensor is then mapped and zeroed afresh (at 1 MB for every CPU run the
-    throughput bench's step took twice as long). Not glibc (macOS, musl): nothing to do."""
+def return_freed_tensors_to_the_system(zero3: bool) -> None:
+    """On CPU, tensors live in glibc's heaps. By default glibc serves every allocation below a threshold that
+    grows up to 32 MB from heaps it rarely shrinks, and the activations and ZeRO-3's gathered weights, allocated
+    and freed every step (also from the communication threads), pile up there: a 2-worker ZeRO-3 run of a 300M
+    model grew to 4× the model's bytes per worker, and a ZeRO-2 run at 16 × 512 tokens held 2.7× what its
+    activations need. Fixed, the threshold maps every larger tensor on its own and unmaps it when freed; each
+    such tensor is then mapped and zeroed afresh, which costs time on small ones (at 1 MB the throughput bench's
+    steps took twice as long). So: 128 KB under ZeRO-3, whose gathered weights are the model; 4 MB otherwise,
+    above the per-step tensors of small batches. Not glibc (macOS, musl): nothing to do."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10 if zero3 else 4 << 20)
+
+
+def trim_freed_heap() -> None:
+    """Hand back to the system what glibc's heaps hold free after a one-off burst of small tensors (building the
+    engine; gathering the adapter's whole optimizer state for a checkpoint: 87 MB of a 300M model's 2-worker
+    ZeRO-3 run, which its upload then added to). A few milliseconds, at set-up and at each checkpoint."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
     except OSError:
-        pass
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None

@@ -23,7 +23,7 @@ from orchestrator.train import data as data_lib
 from orchestrator.train import faults, storage_io
 from orchestrator.train.checkpoint import Checkpointer, TrainerState
 from orchestrator.train.control import StepBoundary
-from orchestrator.train.engine import build_engine, prepare_deepspeed
+from orchestrator.train.engine import build_engine, prepare_deepspeed, trim_freed_heap
 from orchestrator.train.measure import LossWindow, evaluate, probe_logits
 from orchestrator.train.model import ParameterCounts, build_adapted_model, frozen_weights_checksum, load_tokenizer
 from orchestrator.train.optim import check_rates, expected_rates, make_optimizer, rate_metrics
@@ -134,6 +134,7 @@ def set_up(config: dict[str, Any]) -> Worker:
     built_rates = expected_rates(optimizer)
     engine = build_engine(model, optimizer, spec, lr_scheduler=make_scheduler(optimizer, spec), ds_config=ds_config)
     check_rates(engine.optimizer, built_rates)
+    trim_freed_heap()
     zero3 = spec.deepspeed.zero_stage == 3
     method = get_method(spec.adapter.method)
     export = functools.partial(method.export or peft_export, spec=spec.adapter)

@@ -64,13 +64,15 @@ def build_adapted_model(spec: JobSpec, model_path: str, dtype: torch.dtype | Non
     """The PEFT model to train, and its parameter counts; raises if any base weight is trainable. `dtype`:
     the run's (train.precision) unless given; `ds_config`: the plan's DeepSpeed config, which under ZeRO-3
     partitions the base while it loads (PEFT attaches to the partitioned base while transformers knows it)."""
+    from orchestrator.train.engine import return_freed_tensors_to_the_system
+
+    if not spec.scaling.use_gpu:
+        return_freed_tensors_to_the_system(zero3=_zero3(ds_config))
     if _zero3(ds_config):
-        from orchestrator.train.engine import prepare_deepspeed, return_freed_tensors_to_the_system
+        from orchestrator.train.engine import prepare_deepspeed
         from orchestrator.train.zero3_load import transformers_zero3
 
         prepare_deepspeed(spec.scaling.use_gpu)  # zero.Init imports DeepSpeed, which picks its accelerator then
-        if not spec.scaling.use_gpu:
-            return_freed_tensors_to_the_system(1 << 17)
         import deepspeed
 
         # zero.Init reads the world size from DeepSpeed's communication layer: over the workers' process group.

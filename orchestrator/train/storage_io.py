@@ -80,6 +80,7 @@ class RunStorage:
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
             checkpoint_dir_name=checkpoint_dir_name(step), delete_local_checkpoint_after_upload=False,
+            checkpoint_upload_fn=self._upload_checkpoint,
         )
         dist.barrier()  # every rank's upload has finished
         if rank == 0:
@@ -91,6 +92,16 @@ class RunStorage:
             write_manifest(self.storage, self.layout.checkpoint(step), build_manifest(files, step=step))
             self.write_metrics(history)
         dist.barrier()
+
+    def _upload_checkpoint(self, checkpoint, dir_name: str):
+        """Ray's own upload copies each file in 64 MB chunks through pyarrow's memory pool (measured: +260 MB
+        at the peak of a 60 MB checkpoint, where a worker's memory peaks under ZeRO-3); this one streams it."""
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        destination = storage.build_checkpoint_path_from_name(dir_name)
+        self.storage.upload_dir(checkpoint.path, destination)
+        return ray.train.Checkpoint(path=destination, filesystem=storage.storage_filesystem)
 
     def finish(self, last_checkpoint: Path | None, final_step: int, summary: dict, probe: dict[str, torch.Tensor]) -> None:
         """Publish the final adapter, summary and logits probe, then the run manifest, last. Rank 0 only.
