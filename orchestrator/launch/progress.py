@@ -65,7 +65,8 @@ class ProgressPrinter:
     def _run(self) -> None:
         while True:
             try:
-                event = self.queue.get(timeout=0.5)
+                # Long: the end comes as _END, and each empty read is an RPC to the queue's actor.
+                event = self.queue.get(timeout=5)
             except (queue_lib.Empty, Exception):  # Exception: the queue's actor is gone
                 if self._stop.is_set():
                     return
