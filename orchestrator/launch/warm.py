@@ -6,8 +6,8 @@ them in <ORCHESTRATOR_HOME>/warm-runtime.json (0600) and watches for jobs. Ray i
 environment: nothing of the shell that ran `up` (AWS credentials, ORCHESTRATOR_* settings) reaches its
 processes. Each run joins as a Ray job of its own, and its workers get what they would have inherited from a Ray
 started by the run itself, through the job's runtime_env: the run's environment where it differs from Ray's
-(the store's credentials among it). Ray gives every job worker processes of its own,
-so nothing of one run is seen by the next.
+(the store's credentials among it). Ray gives every job worker processes of its own, and the one actor Ray
+Train shares between runs is started by the runtime, so nothing of one run is seen by the next.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def serve(state: Path, store_dir: Path, cpus: int, idle_timeout_min: float) -> N
         runtime = WarmRuntime(
             daemon=recorded(os.getpid()), gcs_address=node.gcs_address, dashboard_url=ray_env[API_SERVER_VARIABLE],
             session_dir=node.get_session_dir_path(), store_dir=str(store_dir), store_endpoint=store.endpoint_url,
-            cpus=cpus, idle_timeout_min=idle_timeout_min, processes={**processes, "object store": recorded(store._process.pid)},
+            cpus=cpus, idle_timeout_min=idle_timeout_min, processes={**processes, "object store": recorded(store.pid)},
             ray_env=ray_env)
         write_private_json(state, asdict(runtime))
         _log(f"ready: {runtime.summary()}")

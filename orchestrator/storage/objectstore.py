@@ -140,12 +140,16 @@ class EmbeddedObjectStore:
         store.endpoint_url, store.access_key, store.secret_key = record["endpoint_url"], record["access_key"], record["secret_key"]
         return store if store.answers() else None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def share(self) -> None:
         """Record this server on its data directory, so that commands started while it runs use it instead of
         starting a second server there (which would exit at start: the directory is locked)."""
         write_private_json(self.data_dir / SHARED_RECORD, {
             "endpoint_url": self.endpoint_url, "access_key": self.access_key, "secret_key": self.secret_key,
-            "process": recorded(self._process.pid)})
+            "process": recorded(self.pid)})
 
     def start(self, timeout_s: float = 60.0) -> "EmbeddedObjectStore":
         self.launch()
