@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from orchestrator.launch.warm import WarmRuntime, ray_environment, why_not_usable
-from orchestrator.process_state import is_running, recorded
+from orchestrator.process_state import is_running, kill_all, recorded
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.objectstore import EmbeddedObjectStore, exported_env
 from orchestrator.train.faults import schedule_fault
@@ -126,9 +126,17 @@ def stored_summary(run_output: str) -> dict:
     return json.loads(storage.read_bytes(storage.path("summary.json")))
 
 
-@pytest.mark.slow
-def test_runs_join_the_warm_runtime_and_see_nothing_of_each_other(tmp_path, object_store):
+@pytest.fixture
+def shell(tmp_path):
     shell = Shell(tmp_path / "home")
+    yield shell
+    runtime = shell.runtime()  # a failed test leaves no runtime behind for its idle timeout
+    if runtime is not None:
+        kill_all(runtime.every_process)
+
+
+@pytest.mark.slow
+def test_runs_join_the_warm_runtime_and_see_nothing_of_each_other(shell, tmp_path, object_store):
     started = shell("up", "--cpus", "2", extra_env={"AWS_ACCESS_KEY_ID": "the-shells-key", "ORCHESTRATOR_FAULTS": "/x"})
     runtime = shell.runtime()
     assert "warm runtime up: Ray at" in started.stdout and runtime is not None

@@ -250,7 +250,7 @@ def serve(state: Path, store_dir: Path, cpus: int, idle_timeout_min: float) -> N
             ray_env=ray_env)
         write_private_json(state, asdict(runtime))
         _log(f"ready: {runtime.summary()}")
-        _wait_while_used(runtime, store, ray.get_runtime_context().get_job_id())
+        _wait_while_used(runtime, store, state, ray.get_runtime_context().get_job_id())
     except KeyboardInterrupt:
         _log("asked to stop")
     finally:
@@ -277,8 +277,9 @@ def _start_shared_train_actor() -> None:
     ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
 
 
-def _wait_while_used(runtime: WarmRuntime, store: EmbeddedObjectStore, own_job: str) -> None:
-    """Return once no job but this process's own has run for the idle timeout, or once a part has died."""
+def _wait_while_used(runtime: WarmRuntime, store: EmbeddedObjectStore, state: Path, own_job: str) -> None:
+    """Return once no job but this process's own has run for the idle timeout, once a part has died, or once the
+    record is gone (its home deleted, say): then no command could find the runtime, or stop it."""
     from ray._private.state import jobs
 
     used_at = time.monotonic()
@@ -287,6 +288,9 @@ def _wait_while_used(runtime: WarmRuntime, store: EmbeddedObjectStore, own_job: 
         dead = next((name for name, process in runtime.processes.items() if not is_running(process)), None)
         if dead is not None or not store.running():
             _log(f"stopping: {dead or 'object store'} exited")
+            return
+        if WarmRuntime.read(state) != runtime:
+            _log(f"stopping: {state} no longer records this runtime")
             return
         if any(not job["IsDead"] and job["JobID"] != own_job for job in jobs()):
             used_at = time.monotonic()
