@@ -148,6 +148,26 @@ def test_the_job_each_case_breaks_passes_validation_and_preflight(local_job, tmp
     assert resolved.model_config.model_type == "llama" and resolved.data_path.endswith(".jsonl")
 
 
+def test_relative_model_and_data_paths_reach_the_workers_absolute(local_job, tmp_path, monkeypatch):
+    """Ray Train starts each worker in a directory of its own: paths relative to where `run` was typed are made
+    absolute for them (a relative model directory would otherwise be taken for a hub id there)."""
+    from orchestrator.builtin.models import resolve_model_path
+
+    shutil.copytree(resolve_model_path(local_job["model"]["path"]), tmp_path / "models" / "mine")
+    shutil.copy(preflight(load_spec_from(local_job, tmp_path)).data_path, tmp_path / "train.jsonl")
+    monkeypatch.chdir(tmp_path)
+    resolved = preflight(load_spec_from({**local_job, "model": {"path": "models/mine"},
+                                         "data": {**local_job["data"], "path": "train.jsonl", "eval_path": "./train.jsonl"}}, tmp_path))
+    assert resolved.model_path == str(tmp_path / "models" / "mine")
+    assert resolved.data_path == resolved.eval_data_path == str(tmp_path / "train.jsonl")
+
+
+def load_spec_from(job: dict, directory: Path):
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return load_spec(path)
+
+
 def test_the_job_each_service_case_breaks_passes_every_check_before_training(ray_session, s3_storage_uri, tmp_path):
     """The control of SERVICE_CASES: the storage check and the cluster fit pass too."""
     job = tmp_path / "job.yaml"

@@ -73,4 +73,13 @@ def preflight(spec: JobSpec) -> Resolved:
     check_weights(spec.model.path, model_path)
     check_adapter_fits(spec, model_config)
     data_path, eval_path, notes = check_data(spec)
-    return Resolved(model_path, model_config, data_path, eval_path, notes)
+    return Resolved(_absolute_if_local(model_path), model_config, _absolute_if_local(data_path),
+                    _absolute_if_local(eval_path), notes)
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """A path found here, made absolute: Ray Train starts each worker in a directory of its own, where a path
+    relative to the directory `run` was typed in names nothing (or, for a model, a hub id). Hub ids and URIs stay."""
+    if path is None or "://" in path or not os.path.exists(os.path.expanduser(path)):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
