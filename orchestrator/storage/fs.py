@@ -6,6 +6,7 @@ AWS_ENDPOINT_URL) or the standard AWS chain, never from the spec; nothing here p
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import shutil
@@ -13,7 +14,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 
@@ -47,12 +48,16 @@ class Storage:
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole object; on a local filesystem through a temp file so readers never see half of it."""
         if "file" in self.fs.protocol:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            self.fs.pipe_file(temp, data)
-            os.replace(temp, path)
+            self._write_local(path, lambda temp: self.fs.pipe_file(temp, data))
         else:
             self.fs.pipe_file(path, data)
+
+    def _write_local(self, path: str, write: Callable[[str], None]) -> None:
+        """`write(temp)`, then the temp file renamed to `path`: a reader sees the whole file or none."""
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        write(temp)
+        os.replace(temp, path)
 
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(path)
@@ -85,11 +90,8 @@ class Storage:
         for file in sorted(Path(local_dir).rglob("*")):
             if file.is_file():
                 remote = posixpath.join(remote_dir, file.relative_to(local_dir).as_posix())
-                if "file" in self.fs.protocol:  # through a temp file, as write_bytes
-                    self.fs.makedirs(posixpath.dirname(remote), exist_ok=True)
-                    temp = f"{remote}.tmp-{uuid.uuid4().hex[:8]}"
-                    shutil.copyfile(file, temp)
-                    os.replace(temp, remote)
+                if "file" in self.fs.protocol:
+                    self._write_local(remote, functools.partial(shutil.copyfile, file))
                 else:
                     self.fs.put_file(str(file), remote, chunksize=UPLOAD_PART_BYTES)
 
