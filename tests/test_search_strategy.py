@@ -71,7 +71,23 @@ def test_grids_run_in_an_order_drawn_from_the_seed():
     ({"optim.lr": {"choice": [1e-3]}}, {"search": "bayes"}, "tune.search: Input should be 'random', 'grid' or 'optuna'"),
     ({"optim.lr": {"choice": [1e-3]}}, {"scheduler": {"type": "fifo", "grace_period": 5}},
      "tune.scheduler: grace_period is an option of asha; fifo runs every trial to the end"),
-    ({"optim.lr": {"choice": [1e-3]}}, {"scheduler": {"type": "pbt"}}, "tune.scheduler.type: Input should be 'asha' or 'fifo'"),
+    ({"optim.lr": {"choice": [1e-3]}}, {"scheduler": {"type": "median"}},
+     "tune.scheduler.type: Input should be 'asha', 'hyperband', 'pbt' or 'fifo'"),
+    ({"optim.lr": {"choice": [1e-3]}}, {"scheduler": {"type": "hyperband", "grace_period": 5}},
+     "tune.scheduler: grace_period is an option of asha; hyperband pauses"),
+    ({"optim.lr": {"choice": [1e-3]}}, {"scheduler": {"type": "asha", "perturbation_interval": 10}},
+     "tune.scheduler: perturbation_interval is an option of pbt; asha stops"),
+    ({"optim.lr": {"choice": [1e-3]}}, {"scheduler": {"type": "pbt", "quantile_fraction": 0.7}},
+     "tune.scheduler.quantile_fraction: Input should be less than or equal to 0.5"),
+    # PBT copies one trial's checkpoint into another: only what may change inside a run can differ between them
+    ({"adapter.r": {"choice": [4, 8]}, "optim.lr": {"loguniform": [1e-4, 1e-2]}}, {"scheduler": {"type": "pbt"}, "num_samples": 4},
+     "tune.space.adapter.r: pbt changes a trial's values mid-run and adapter.r cannot change inside a run"),
+    ({"optim.lr": {"loguniform": [1e-4, 1e-2]}}, {"scheduler": {"type": "pbt"}, "search": "optuna", "num_samples": 4},
+     "tune.search: optuna draws each trial's values once; pbt perturbs them"),
+    ({"optim.lr": {"loguniform": [1e-4, 1e-2]}}, {"scheduler": {"type": "pbt", "perturbation_interval": 15}, "num_samples": 4},
+     "tune.scheduler.perturbation_interval: 15 is not a multiple of train.checkpoint_every (10)"),
+    ({"optim.lr": {"loguniform": [1e-4, 1e-2]}}, {"scheduler": {"type": "pbt"}, "num_samples": 1},
+     "tune.num_samples: pbt needs a population of at least 2 trials"),
 ])
 def test_options_that_do_not_fit_the_search_are_refused_naming_the_field(space, tune, message):
     raw = make_spec(base=MINIMAL_SPEC, raw=True, name="s", train={"max_steps": 20, "eval_every": 5, "checkpoint_every": 10},
@@ -79,3 +95,33 @@ def test_options_that_do_not_fit_the_search_are_refused_naming_the_field(space, 
     with pytest.raises(JobSpecError) as error:
         validate_spec(raw, source="search.yaml")
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["hyperband", "pbt"])
+def test_pausing_schedulers_need_checkpoints_to_continue_from(kind):
+    raw = make_spec(base=MINIMAL_SPEC, raw=True, name="s", train={"max_steps": 20, "eval_every": 5, "checkpoint_every": 0},
+                    tune={"space": {"optim.lr": {"choice": [1e-3, 1e-4]}}, "num_samples": 2, "scheduler": {"type": kind}})
+    with pytest.raises(JobSpecError, match=f"train.checkpoint_every: {kind} pauses trials and continues them"):
+        validate_spec(raw, source="search.yaml")
+
+
+def test_pbt_perturbs_only_the_rates_and_keeps_them_inside_their_bounds():
+    import random
+
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers.pbt import _explore
+
+    from orchestrator.search.schedulers import build_scheduler
+
+    spec = search({"optim.lr": {"loguniform": [1e-4, 1e-3]}, "optim.lora_plus_ratio": {"choice": [1, 4, 16]}},
+                  scheduler={"type": "pbt", "perturbation_interval": 10}, num_samples=4)
+    scheduler = build_scheduler(spec, {"p0": "optim.lr", "p1": "optim.lora_plus_ratio"})
+    assert isinstance(scheduler, PopulationBasedTraining) and scheduler._perturbation_interval == 10
+    random.seed(0)
+    seen = set()
+    for _ in range(60):  # 1e-3 × 1.2 would leave the dimension: it is held at its upper bound
+        config, _ = _explore({"p0": 1e-3, "p1": 4}, scheduler._hyperparam_mutations, 0.25, (1.2, 0.8),
+                             scheduler._custom_explore_fn)
+        assert 1e-4 <= config["p0"] <= 1e-3 and config["p1"] in (1, 4, 16)
+        seen.add(config["p1"])
+    assert seen == {1, 4, 16}

@@ -148,12 +148,12 @@ def test_reading_a_spec_does_not_load_torch():
 
 def test_resume_check_fills_in_fields_added_since_a_run_was_stored():
     from orchestrator.errors import JobSpecError
-    from orchestrator.launch.run import _check_same_run
+    from orchestrator.launch.run import check_same_run
 
     spec = make_spec(base=MINIMAL_SPEC, optim={"lr": 1e-3, "lora_plus_ratio": 4})
     stored = spec.model_dump(mode="json")
     del stored["optim"]["lora_plus_lr_embedding"]  # written before the field existed
-    _check_same_run(stored, spec, "old-run")
+    check_same_run(stored, spec, "old-run")
     stored["optim"]["lr"] = 2e-3
     with pytest.raises(JobSpecError, match=r"^optim: differs from the spec stored with run old-run"):
-        _check_same_run(stored, spec, "old-run")
+        check_same_run(stored, spec, "old-run")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import orchestrator
 from orchestrator import cli
@@ -222,3 +223,42 @@ def test_an_optuna_search_draws_per_method_dimensions_and_resumes_after_a_failed
     resumed = orchestrator.tune(spec, resume=True, echo=print)
     assert [row["status"] for row in resumed.leaderboard] == ["complete"] * 3
     assert {row["trial"]: row["params"] for row in resumed.leaderboard} == params  # the failed trial ran again as drawn
+
+
+@pytest.mark.slow
+def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_rates(ray_session, s3_storage_uri):
+    spec = make_spec(
+        # Half a CPU per worker: both trials of the population train at once on the tests' 2-CPU runtime.
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+        optim={"scheduler": "constant"},
+        train={"max_steps": 20, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 5, "log_every": 5, "max_failures": 0},
+        tune={"name": "pbt", "num_samples": 1, "seed": 0, "space": {"optim.lr": {"grid": [1e-5, 5e-3]}},
+              "scheduler": {"type": "pbt", "perturbation_interval": 5, "quantile_fraction": 0.5, "resample_probability": 0}},
+    )
+    result = orchestrator.tune(spec, echo=print)
+    rows = result.leaderboard
+    assert [row["status"] for row in rows] == ["complete"] * 2 and all(row["steps"] == 20 for row in rows), rows
+    storage = open_storage(s3_storage_uri)
+    search_dir = storage.path("tune", "pbt")
+    exploited = [row for row in rows if row["mutations"]]
+    assert len(exploited) == 1, rows  # the poor trial (lr 1e-5) copies the good one at least once
+    trial = exploited[0]
+    mutation = trial["mutations"][0]
+    good = next(row["trial"] for row in rows if row is not trial)
+    assert mutation["from_trial"] == good and mutation["before"] == {"optim.lr": 1e-5}, mutation
+    assert mutation["after"]["optim.lr"] in (1e-5, 5e-3) and mutation["step"] % 5 == 0 and 5 <= mutation["step"] < 20
+    trial_dir = f"{search_dir}/trials/{trial['trial']}"
+    last = trial["mutations"][-1]
+    # The trial went on from the copied checkpoint (not from its own, nor from scratch), at the perturbed rate.
+    summary = json.loads(storage.read_bytes(f"{trial_dir}/summary.json"))
+    assert summary["resumed_from_step"] == last["step"], (summary, trial["mutations"])
+    logged = _stored_jsonl(storage, f"{trial_dir}/metrics.jsonl")
+    copied = _stored_jsonl(storage, f"{search_dir}/trials/{last['from_trial']}/metrics.jsonl")
+    assert [m for m in logged if m["step"] <= last["step"]] == [m for m in copied if m["step"] <= last["step"]]
+    after = [m for m in logged if m["step"] > last["step"]]
+    assert after and all(m["lr"] == pytest.approx(last["after"]["optim.lr"]) for m in after), after
+    assert json.loads(storage.read_bytes(f"{trial_dir}/params.json")) == last["after"] == trial["params"]
+    assert yaml.safe_load(storage.read_bytes(f"{trial_dir}/spec.yaml"))["optim"]["lr"] == last["after"]["optim.lr"]
+    table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{search_dir}/leaderboard.csv").decode())))
+    assert {r["trial"]: json.loads(r["mutations"]) for r in table}[trial["trial"]] == trial["mutations"]
+    assert "## PBT mutations" in storage.read_bytes(f"{search_dir}/leaderboard.md").decode()

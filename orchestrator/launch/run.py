@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from dataclasses import dataclass, field
@@ -46,12 +47,20 @@ def _lookup(data: dict, dotted: str) -> Any:
     return data
 
 
-def _check_same_run(stored: dict, spec: JobSpec, run_id: str) -> None:
+def check_same_run(stored: dict, spec: JobSpec, run_id: str, may_change: tuple[str, ...] = ()) -> None:
+    """Refuse, naming the field, a spec that would continue run `run_id`'s checkpoints with another model, data,
+    adapter or optimizer; `may_change` lists dotted fields that may differ (a PBT trial's perturbed rates)."""
     current = spec.model_dump(mode="json")
     try:  # a spec stored by an older version lacks fields added since: compare with their defaults filled in
         stored = JobSpec.model_validate(stored).model_dump(mode="json")
     except ValueError:
-        pass
+        stored = copy.deepcopy(stored)
+    for dotted in may_change:
+        for tree in (stored, current):
+            parent, _, name = dotted.rpartition(".")
+            branch = _lookup(tree, parent) if parent else tree
+            if isinstance(branch, dict):
+                branch.pop(name, None)
     for key in _RUN_IDENTITY:
         if _lookup(stored, key) != _lookup(current, key):
             raise JobSpecError(
@@ -106,7 +115,7 @@ def choose_run(storage, spec: JobSpec, run_id: str | None, resume: bool,
         stored = yaml.safe_load(storage.read_bytes(layout.spec))
     except FileNotFoundError:
         raise OrchestratorError(f"run {run_id} exists in {storage.uri} but has no spec.yaml; start a new run") from None
-    _check_same_run(stored, spec, run_id)
+    check_same_run(stored, spec, run_id)
     return layout, True, _keep_global_batch(stored, spec, run_id, echo)
 
 

@@ -1,9 +1,9 @@
 """`orchestrator tune`: a Ray Tune search whose trials are ordinary runs, stored under tune/<search>/.
 
 Each trial is a Tune *function* trainable that builds one TorchTrainer (Train V2 does not accept a
-trainer inside `tune.Tuner`) with TuneReportCallback, so the workers' eval_loss reaches Tune's
-scheduler. A trial that ASHA stops is killed inside `trainer.fit()`: everything a trial must leave
-behind (checkpoints, adapter) is written by the worker loop itself, never after `fit()` returns.
+trainer inside `tune.Tuner`) and hands its reports to Tune's scheduler (launch/trial.py). A trial that
+a scheduler stops or pauses is killed inside `trainer.fit()`: everything a trial must leave behind
+(checkpoints, adapter) is written by the worker loop itself, never after `fit()` returns.
 
 tune/<search>/
   tuner/                 Tune's own state (what `--resume` restores)
@@ -14,22 +14,22 @@ tune/<search>/
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
-from orchestrator.launch.run import build_trainer, worker_config
 from orchestrator.launch.runtime import ray_runtime, storage_for
+from orchestrator.launch.trial import run_trial
 from orchestrator.plan import build_plan
 from orchestrator.results import tracking
-from orchestrator.search import trial_count, trial_raw
+from orchestrator.search import trial_count
+from orchestrator.search.schedulers import PAUSING, build_scheduler
 from orchestrator.search.strategy import optuna_searcher, seeded_space
-from orchestrator.spec import JobSpec, spec_to_yaml, validate_spec
+from orchestrator.spec import JobSpec
 from orchestrator.storage.fs import open_storage
-from orchestrator.storage.layout import trial_layout
 from orchestrator.storage.objectstore import exported_env
 
 # A trial's own driver needs almost nothing; {"CPU": 0} is refused by Tune.
@@ -60,24 +60,6 @@ def max_concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
     return max(1, min(wanted, fits, trial_count(spec.tune)))
 
 
-def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
-    """The Tune trainable: one trial = one TorchTrainer run under tune/<search>/trials/<trial-id>/."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    values = {context["keys"][name]: value for name, value in sampled.items() if name in context["keys"]}
-    spec = validate_spec(trial_raw(context["base"], values), source=f"trial {values}")
-    trial_id = tune.get_context().get_trial_id()
-    storage = open_storage(context["storage_uri"], spec.storage.endpoint_url)
-    layout = trial_layout(storage, context["search"], trial_id)
-    if not storage.exists(layout.spec):
-        storage.write_text(layout.spec, spec_to_yaml(spec))
-        storage.write_text(layout.file("params.json"), json.dumps(values, indent=2))
-    # The trial's own plan: a search may vary what the DeepSpeed config depends on (batch, ZeRO stage).
-    config = worker_config(spec, layout, context["storage_uri"], context["resolved"], build_plan(spec).deepspeed)
-    build_trainer(spec, config, layout, storage, callbacks=(TuneReportCallback(),)).fit()
-
-
 def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print) -> TuneResult:
     """Run (or resume) the spec's search; returns the leaderboard, best first."""
     from orchestrator.results.leaderboard import publish
@@ -106,7 +88,6 @@ def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print)
 def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo, tracker=None):
     import ray
     from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from orchestrator.launch.tune_progress import SearchProgress, set_sink
@@ -115,7 +96,7 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
 
     keys = {f"p{i}": key for i, key in enumerate(spec.tune.space)}  # Tune-safe names for dotted keys
     context = {"keys": keys, "base": spec.model_dump(mode="json", exclude={"tune"}), "search": search,
-               "storage_uri": storage_uri, "resolved": resolved}
+               "storage_uri": storage_uri, "resolved": resolved, "tune": spec.tune}
     trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context), {"CPU": _TRIAL_DRIVER_CPU})
     fs = storage.pyarrow_filesystem()
     tuner_path = f"{search_dir}/tuner"
@@ -128,10 +109,7 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
         if storage.exists(f"{search_dir}/manifest.json") or ray_tune.Tuner.can_restore(tuner_path, storage_filesystem=fs):
             raise OrchestratorError(f"tune.name: search {search!r} already exists in {storage.uri}; use --resume or another tune.name")
         options = spec.tune.scheduler
-        scheduler = (ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
-                                   grace_period=options.grace_period or spec.train.eval_every,
-                                   reduction_factor=options.reduction_factor or 2.0)
-                     if options.type == "asha" else FIFOScheduler())
+        scheduler = build_scheduler(spec, keys)
         concurrency = max_concurrent_trials(spec, ray.cluster_resources())
         echo(f"search {search}: {trial_count(spec.tune)} trials ({spec.tune.search}), up to {concurrency} at once, "
              f"{options.type} on {spec.tune.metric}")
@@ -139,7 +117,10 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
             param_space, search_alg = {}, optuna_searcher(spec.tune, keys, spec.adapter.method, concurrency)
         else:
             param_space = seeded_space(spec.tune, keys)
-            search_alg = BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.tune.seed)
+            # HyperBand and PBT compare a bracket's (a population's) trials while they live, pausing them in turn:
+            # every trial is created at once, and the cluster's resources decide how many run.
+            pausing = options.type in PAUSING
+            search_alg = BasicVariantGenerator(max_concurrent=0 if pausing else concurrency, random_state=spec.tune.seed)
         tuner = ray_tune.Tuner(
             trainable,
             param_space=param_space,
@@ -155,6 +136,8 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
         )
     # Tune would log each failed trial's whole traceback here; SearchProgress prints its cause in one line,
     # and the traceback stays in the trial's error.txt.
-    with exported_env({"TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}):
+    with exported_env({"TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}), warnings.catch_warnings():
+        # Tune suggests reusing actors under PBT; a trial's actor only waits on its worker group, which cannot be reused.
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         results = tuner.fit()
     return results, keys

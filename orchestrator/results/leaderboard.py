@@ -48,6 +48,8 @@ def trial_rows(spec: JobSpec, results, keys: dict[str, str]) -> list[dict[str, A
 def publish(spec: JobSpec, search: str, storage, search_dir: str, fitted, echo) -> tuple[list[dict], dict]:
     results, keys = fitted
     rows = trial_rows(spec, results, keys)
+    for row in rows:  # PBT's: each trial's copies and perturbations, as the trial recorded them (launch/trial.py)
+        row["mutations"] = _mutations(storage, search, row["trial"]) if spec.tune.scheduler.type == "pbt" else []
     metric = f"best_{spec.tune.metric}"
     files = {
         "leaderboard.csv": _csv(rows, metric).encode(),
@@ -85,9 +87,10 @@ def _copy_best_adapter(storage, search: str, search_dir: str, trial_id: str) -> 
 def _csv(rows: list[dict], metric: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["rank", "trial", "params", metric, "steps", "stopped_early", "status", "wall_s"])
+    writer.writerow(["rank", "trial", "params", metric, "steps", "stopped_early", "status", "wall_s", "mutations"])
     for r in rows:
-        writer.writerow([r["rank"], r["trial"], json.dumps(r["params"]), r[metric], r["steps"], r["stopped_early"], r["status"], r["wall_s"]])
+        writer.writerow([r["rank"], r["trial"], json.dumps(r["params"]), r[metric], r["steps"], r["stopped_early"], r["status"],
+                         r["wall_s"], json.dumps(r.get("mutations", []))])
     return out.getvalue()
 
 
@@ -97,7 +100,19 @@ def _markdown(rows: list[dict], metric: str, search: str) -> str:
     for r in rows:
         value = f"{r[metric]:.4f}" if r[metric] is not None else "–"
         lines.append(f"| {r['rank']} | {r['trial']} | {sampled_values(r['params'])} | {value} | {r['steps']} | {'yes' if r['stopped_early'] else 'no'} | {r['status']} | {r['wall_s']} |")
+    mutated = [r for r in rows if r.get("mutations")]
+    if mutated:
+        lines += ["", "## PBT mutations", "", "| trial | at step | copied from | params after |", "|---|---:|---|---|"]
+        for r in mutated:
+            lines += [f"| {r['trial']} | {m['step']} | {m['from_trial']} | {sampled_values(m['after'])} |" for m in r["mutations"]]
     return "\n".join(lines) + "\n"
+
+
+def _mutations(storage, search: str, trial_id: str) -> list[dict]:
+    try:
+        return json.loads(storage.read_bytes(trial_layout(storage, search, trial_id).file("mutations.json")))
+    except FileNotFoundError:
+        return []
 
 
 def _plot(rows: list[dict], metric: str, search: str) -> bytes:

@@ -70,19 +70,44 @@ class Dimension(BaseModel):
         return tune.randint(self.randint[0], self.randint[1] + 1)
 
 
+# Fields a trial may change between two of its own checkpoints: PBT perturbs only these (the optimizer's moments
+# stay meaningful under a new rate; a new rank or method would not fit the checkpoint at all).
+MUTABLE_MID_RUN = ("optim.lr", "optim.lora_plus_ratio")
+
+# The options each scheduler takes; any other given option is refused, naming the scheduler.
+SCHEDULER_OPTIONS = {
+    "asha": ("grace_period", "reduction_factor"),
+    "hyperband": ("reduction_factor",),
+    "pbt": ("perturbation_interval", "quantile_fraction", "resample_probability"),
+    "fifo": (),
+}
+_WHAT_IT_DOES = {"fifo": "fifo runs every trial to the end", "asha": "asha stops poor trials at its rungs",
+                 "hyperband": "hyperband pauses and continues trials in synchronous brackets",
+                 "pbt": "pbt copies good trials over poor ones and perturbs their rates"}
+
+
 class SchedulerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["asha", "fifo"] = Field("asha", description="asha stops poor trials early; fifo runs all to the end.")
-    grace_period: Optional[int] = Field(None, ge=1, description="Steps before ASHA may stop a trial (default: train.eval_every).")
-    reduction_factor: Optional[float] = Field(None, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung (default 2).")
+    type: Literal["asha", "hyperband", "pbt", "fifo"] = Field("asha", description=(
+        "asha stops poor trials early (asynchronous successive halving); hyperband runs synchronous brackets, "
+        "pausing trials at each rung and continuing the best from their checkpoints; pbt (population-based "
+        "training) continues poor trials from good ones' checkpoints with perturbed optim.lr / lora_plus_ratio; "
+        "fifo runs all to the end."))
+    grace_period: Optional[int] = Field(None, ge=1, description="asha: steps before a trial may be stopped (default: train.eval_every).")
+    reduction_factor: Optional[float] = Field(None, gt=1, description="asha (default 2), hyperband (default 3): 1/reduction_factor of the trials go on at each rung.")
+    perturbation_interval: Optional[int] = Field(None, ge=1, description="pbt: steps between perturbations, a multiple of train.checkpoint_every (default: train.checkpoint_every).")
+    quantile_fraction: Optional[float] = Field(None, gt=0, le=0.5, description="pbt: the bottom fraction that copies the top fraction (default 0.25).")
+    resample_probability: Optional[float] = Field(None, ge=0, le=1, description="pbt: chance a perturbed value is drawn anew from its dimension instead (default 0.25).")
 
     @model_validator(mode="after")
     def _options_fit_the_scheduler(self) -> "SchedulerSpec":
-        if self.type == "fifo":
-            given = [name for name in ("grace_period", "reduction_factor") if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"{given[0]} is an option of asha; fifo runs every trial to the end")
+        allowed = SCHEDULER_OPTIONS[self.type]
+        for options in SCHEDULER_OPTIONS.values():
+            for name in options:
+                if name not in allowed and getattr(self, name) is not None:
+                    owners = [kind for kind, names in SCHEDULER_OPTIONS.items() if name in names]
+                    raise ValueError(f"{name} is an option of {' and '.join(owners)}; {_WHAT_IT_DOES[self.type]}")
         return self
 
 

@@ -38,6 +38,7 @@ def check_search(spec: JobSpec, trial_problem: Callable[[dict[str, Any]], Option
     """Every dimension names a searchable field, applies to some searched method, and each of its
     extreme values gives a valid trial spec (`trial_problem(raw)` is None). Raises ValueError naming
     `tune.space.<key>`."""
+    from orchestrator.search.schedulers import scheduler_problems
     from orchestrator.search.strategy import strategy_problems
 
     problems = strategy_problems(spec.tune)
@@ -48,6 +49,9 @@ def check_search(spec: JobSpec, trial_problem: Callable[[dict[str, Any]], Option
     if train.eval_every == 0 or (train.checkpoint_every and train.checkpoint_every % train.eval_every):
         raise ValueError("train.eval_every: a search needs evaluations, and checkpoint_every must be a multiple of "
                          "eval_every, so that every result Tune sees carries eval_loss")
+    problems = scheduler_problems(spec)
+    if problems:
+        raise ValueError("; ".join(problems))
     base = spec.model_dump(mode="json", exclude={"tune"})
     searched = _searched_methods(spec)
     for key, dimension in space.items():

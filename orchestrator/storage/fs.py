@@ -101,6 +101,25 @@ class Storage:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(posixpath.join(remote_dir, relative), str(target))
 
+    def copy_dir(self, source_dir: str, target_dir: str, last: str = "manifest.json") -> None:
+        """Copy inside the store (S3 copies server-side), the file named `last` after all others: a directory whose
+        manifest is there is whole."""
+        files = self.list_files(source_dir)
+        for relative in sorted(files, key=lambda name: name == last):
+            target = posixpath.join(target_dir, relative)
+            if "file" in self.fs.protocol:
+                self._write_local(target, functools.partial(self.fs.copy, posixpath.join(source_dir, relative)))
+            else:
+                self.fs.copy(posixpath.join(source_dir, relative), target)
+
+    def remove_dir(self, path: str) -> None:
+        """Delete `path` and everything below it; nothing to do when it does not exist."""
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(path)
+
     @contextmanager
     def errors_in_one_line(self) -> Iterator[None]:
         """Any error of the block as one StorageError line naming this storage."""

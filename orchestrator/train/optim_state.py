@@ -141,11 +141,22 @@ def restore_training_state(engine, tensors: dict[str, torch.Tensor], meta: dict[
                 buffer.copy_(tensors[f"buffer/{name}"])
     scheduler = engine.lr_scheduler
     if meta.get("scheduler") is not None and scheduler is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-        # A scheduler sets the rates when it steps; loading its state alone leaves the groups at step 0's.
-        for group, rate in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = rate
+        _load_schedule_keeping_base_rates(scheduler, meta["scheduler"])
     engine.global_steps = int(step)
+
+
+def _load_schedule_keeping_base_rates(scheduler, state: dict) -> None:
+    """The schedule's position (warm-up, decay) from the checkpoint, its base rates from this run's spec. They are
+    the same on a plain resume; a PBT trial continues another trial's checkpoint with perturbed rates, and the
+    checkpoint's own base rates would silently undo the perturbation."""
+    built = list(scheduler.base_lrs)
+    scheduler.load_state_dict(state)
+    saved_base, saved_last = list(scheduler.base_lrs), list(scheduler.get_last_lr())
+    rates = [new * (last / old if old else 1.0) for new, old, last in zip(built, saved_base, saved_last)]
+    scheduler.base_lrs, scheduler._last_lr = built, rates
+    # A scheduler sets the rates when it steps; loading its state alone leaves the groups at step 0's.
+    for group, base, rate in zip(scheduler.optimizer.param_groups, built, rates):
+        group["initial_lr"], group["lr"] = base, rate
 
 
 def _ensure_optimizer_state(engine, moments: list[str]) -> torch.optim.Optimizer:
