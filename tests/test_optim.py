@@ -77,3 +77,34 @@ def test_without_lora_plus_matrices_share_one_rate_and_vectors_are_not_decayed(t
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in groups["no_decay"]["params"]} == {id(p) for p in trainable if p.ndim == 1}
     assert {id(p) for p in groups["adapter"]["params"]} == {id(p) for p in trainable if p.ndim == 2}
+
+
+def test_a_restored_schedule_keeps_its_position_and_takes_this_runs_base_rates():
+    """A PBT trial continues another trial's checkpoint with perturbed rates: the schedule's place (warm-up,
+    cosine decay) comes from the checkpoint, the base rates from the trial's own spec."""
+    from transformers import get_scheduler
+
+    from orchestrator.train.optim_state import _load_schedule_keeping_base_rates
+
+    def schedule(rates: list[float]):
+        weights = [torch.nn.Parameter(torch.zeros(2)) for _ in rates]
+        optimizer = torch.optim.AdamW([{"params": [w], "lr": rate} for w, rate in zip(weights, rates)])
+        return optimizer, get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2, num_training_steps=20)
+
+    saved_optimizer, saved = schedule([1e-3, 4e-3])
+    for _ in range(7):
+        saved_optimizer.step()
+        saved.step()
+    factor = saved.get_last_lr()[0] / 1e-3
+    assert 0 < factor < 1
+    optimizer, restored = schedule([5e-4, 8e-3])  # another base rate and another LoRA+ ratio
+    _load_schedule_keeping_base_rates(restored, saved.state_dict())
+    assert restored.last_epoch == 7
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-4 * factor, 8e-3 * factor])
+    assert [group["initial_lr"] for group in optimizer.param_groups] == [5e-4, 8e-3]
+    optimizer.step()
+    restored.step()
+    saved_optimizer.step()
+    saved.step()
+    next_factor = saved.get_last_lr()[0] / 1e-3
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-4 * next_factor, 8e-3 * next_factor])

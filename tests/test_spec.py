@@ -157,3 +157,19 @@ def test_resume_check_fills_in_fields_added_since_a_run_was_stored():
     stored["optim"]["lr"] = 2e-3
     with pytest.raises(JobSpecError, match=r"^optim: differs from the spec stored with run old-run"):
         check_same_run(stored, spec, "old-run")
+
+
+def test_a_pbt_trial_may_change_exactly_the_fields_its_scheduler_perturbs():
+    from orchestrator.errors import JobSpecError
+    from orchestrator.launch.run import check_same_run
+    from orchestrator.search.space import MUTABLE_MID_RUN
+
+    spec = make_spec(base=MINIMAL_SPEC, optim={"lr": 1e-3, "lora_plus_ratio": 4})
+    stored = spec.model_dump(mode="json")
+    stored["optim"].update(lr=2e-3, lora_plus_ratio=8)
+    check_same_run(stored, spec, "trial-1", may_change=MUTABLE_MID_RUN)
+    with pytest.raises(JobSpecError, match=r"^optim: differs"):
+        check_same_run(stored, spec, "trial-1", may_change=("optim.lr",))
+    stored["optim"]["weight_decay"] = 0.5
+    with pytest.raises(JobSpecError, match=r"^optim: differs"):
+        check_same_run(stored, spec, "trial-1", may_change=MUTABLE_MID_RUN)
