@@ -145,7 +145,7 @@ def test_local_search_with_asha_leaderboard_plot_best_adapter_resume_and_trial_e
         print(line)
 
     result = orchestrator.tune(spec, resume=True, echo=echo_resumed)
-    restarted = [line for line in resumed_lines if line.startswith("trial ") and " started" in line]
+    restarted = [line for line in resumed_lines if line.startswith("trial ") and (" started" in line or " continues from" in line)]
     assert len(restarted) == 1 and "_00000" in restarted[0], "only the interrupted trial runs again"
     rows = result.leaderboard
     assert [row["status"] for row in rows] == ["complete"] * 4
@@ -258,7 +258,34 @@ def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_r
     after = [m for m in logged if m["step"] > last["step"]]
     assert after and all(m["lr"] == pytest.approx(last["after"]["optim.lr"]) for m in after), after
     assert json.loads(storage.read_bytes(f"{trial_dir}/params.json")) == last["after"] == trial["params"]
+    # Steps trained, restarts included: the good trial's 20; the poor one's own steps, then 20 - step from the copy.
+    assert next(row["trained_steps"] for row in rows if row is not trial) == 20
+    assert trial["trained_steps"] > 20 - last["step"], trial
     assert yaml.safe_load(storage.read_bytes(f"{trial_dir}/spec.yaml"))["optim"]["lr"] == last["after"]["optim.lr"]
     table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{search_dir}/leaderboard.csv").decode())))
     assert {r["trial"]: json.loads(r["mutations"]) for r in table}[trial["trial"]] == trial["mutations"]
     assert "## PBT mutations" in storage.read_bytes(f"{search_dir}/leaderboard.md").decode()
+
+
+@pytest.mark.slow
+def test_hyperband_pauses_trials_at_its_rungs_and_continues_the_best_from_their_own_checkpoints(ray_session, s3_storage_uri):
+    spec = make_spec(
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+        train={"max_steps": 20, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 5, "log_every": 5, "max_failures": 0},
+        tune={"name": "hyperband", "num_samples": 1, "space": {"optim.lr": {"grid": [1e-5, 1e-4, 1e-3, 5e-3]}},
+              # Ray's HyperBand fills its least aggressive bracket first (here 2 trials run to the end); with a reduction
+              # factor of max_steps the next bracket holds the other 2, pauses both at its first rung (step 1: their
+              # first checkpoint, step 5), stops one and continues the other from its own checkpoint.
+              "scheduler": {"type": "hyperband", "reduction_factor": 20}},
+    )
+    rows = orchestrator.tune(spec, echo=print).leaderboard
+    assert len(rows) == 4 and all(row["status"] == "complete" for row in rows), rows
+    finished = [row for row in rows if not row["stopped_early"]]
+    assert finished and len(finished) < 4, rows  # the rungs stopped some trials, and some ran to the end
+    # A paused trial went on from its own newest checkpoint: no step was trained twice.
+    assert all(row["trained_steps"] == row["steps"] for row in rows), rows
+    storage = open_storage(s3_storage_uri)
+    summaries = [json.loads(storage.read_bytes(storage.path("tune", "hyperband", "trials", row["trial"], "summary.json")))
+                 for row in finished]
+    assert any(summary["resumed_from_step"] > 0 for summary in summaries), summaries  # paused at a rung, then continued
+    assert rows[0]["params"]["optim.lr"] in (1e-3, 5e-3), rows

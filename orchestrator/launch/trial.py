@@ -50,17 +50,21 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     record_trial(storage, layout, spec, values, perturbed_fields(context["tune"]))
     # The trial's own plan: a search may vary what the DeepSpeed config depends on (batch, ZeRO stage).
     config = worker_config(spec, layout, context["storage_uri"], context["resolved"], build_plan(spec).deepspeed)
-    report_every_evaluation = context["tune"].scheduler.type not in PAUSING
-    _fit_and_report(spec, config, layout, storage, trial_id, report_every_evaluation)
+    pausing = context["tune"].scheduler.type in PAUSING
+    _fit_and_report(spec, config, layout, storage, trial_id, context["tune"].metric, pausing)
 
 
-def _fit_and_report(spec: JobSpec, config: dict, layout: RunLayout, storage, trial_id: str, every_evaluation: bool) -> None:
-    """Fit in a thread; hand each report to Tune from this one (the trial's Tune session), a checkpoint as its pointer."""
+def _fit_and_report(spec: JobSpec, config: dict, layout: RunLayout, storage, trial_id: str, metric: str, pausing: bool) -> None:
+    """Fit in a thread; hand each report to Tune from this one (the trial's Tune session), a checkpoint as its pointer.
+    Under a pausing scheduler Tune sees checkpoints only, and the workers wait at each until Tune lets them go on
+    (train/control.py's SchedulerGate): `tune.report` returns only then."""
     from ray import tune
     from ray.util.queue import Empty, Queue
 
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = build_trainer(spec, config, layout, storage, callbacks=(TrialReporter(reports),))
+    gate = Queue(actor_options={"num_cpus": 0}) if pausing else None
+    trainer = build_trainer(spec, {**config, "scheduler_gate": gate}, layout, storage, callbacks=(TrialReporter(reports),))
+    reported = ReportLog(storage, layout, metric)
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -69,21 +73,53 @@ def _fit_and_report(spec: JobSpec, config: dict, layout: RunLayout, storage, tri
         except BaseException as error:  # raised in the trial's thread below
             failure.append(error)
 
+    def report(metrics: dict, checkpointed: bool) -> None:
+        reported.add(metrics)
+        if not checkpointed:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            Path(scratch, POINTER).write_text(json.dumps({"trial": trial_id, "step": metrics["step"]}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(scratch))
+
     fitting = threading.Thread(target=fit, name="orchestrator-trial-fit", daemon=True)
     fitting.start()
+    last: Optional[tuple[dict, bool]] = None
     while fitting.is_alive() or not reports.empty():
         try:
             metrics, checkpointed = reports.get(timeout=1.0)
         except Empty:
             continue
-        if checkpointed:
-            with tempfile.TemporaryDirectory() as scratch:
-                Path(scratch, POINTER).write_text(json.dumps({"trial": trial_id, "step": metrics["step"]}))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(scratch))
-        elif every_evaluation:
-            tune.report(metrics)
+        if metrics["step"] >= spec.train.max_steps:
+            # Held back until the run has published its adapter and summary: at max_steps a scheduler stops the
+            # trial, and stopping it kills the workers wherever they are.
+            last = (metrics, checkpointed)
+        elif checkpointed or not pausing:
+            report(metrics, checkpointed)
+        if checkpointed and gate is not None:
+            gate.put(True)
     if failure:
         raise failure[0]
+    if last is not None:
+        report(*last)
+
+
+class ReportLog:
+    """reported.jsonl: every result the trial gave its scheduler, with the step its run (re)started from. Tune's own
+    record of a trial is rolled back when it is restored from a checkpoint; this one keeps what was trained."""
+
+    def __init__(self, storage, layout: RunLayout, metric: str):
+        self.storage, self.path, self.metric = storage, layout.file("reported.jsonl"), metric
+        try:
+            self.lines = storage.read_bytes(self.path).decode().splitlines()
+        except FileNotFoundError:
+            self.lines = []
+
+    def add(self, metrics: dict) -> None:
+        entry = {"step": metrics["step"], "resumed_from_step": metrics.get("resumed_from_step", 0),
+                 self.metric: metrics.get(self.metric)}
+        self.lines.append(json.dumps(entry))
+        self.storage.write_text(self.path, "\n".join(self.lines) + "\n")
 
 
 try:

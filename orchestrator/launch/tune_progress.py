@@ -32,7 +32,9 @@ class SearchProgress(tune.Callback):
                 f"{statuses.count('PENDING')} waiting, {statuses.count('ERROR')} failed")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.echo(f"trial {trial.trial_id} started: {self._params(trial)}")
+        # A trial HyperBand paused, or PBT restarted from another trial's checkpoint, starts again from a checkpoint.
+        again = trial.checkpoint is not None
+        self.echo(f"trial {trial.trial_id} {'continues from a checkpoint' if again else 'started'}: {self._params(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)

@@ -8,7 +8,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from orchestrator.results.curves import history_png
 from orchestrator.results.text import sampled_values
@@ -17,22 +17,25 @@ from orchestrator.storage.layout import trial_layout
 from orchestrator.storage.manifest import build_manifest, read_manifest, sha256_bytes, write_manifest
 
 
-def trial_rows(spec: JobSpec, results, keys: dict[str, str]) -> list[dict[str, Any]]:
-    """One row per trial, best first: rank, params, best metric, steps run, stopped early, wall time."""
+def trial_rows(spec: JobSpec, results, keys: dict[str, str], reported: Optional[Callable[[str], list[dict]]] = None) -> list[dict[str, Any]]:
+    """One row per trial, best first: rank, params, best metric, steps run, steps trained, stopped early, wall time.
+    `reported(trial_id)`: the results the trial itself logged (launch/trial.py's reported.jsonl), preferred to
+    Tune's record, which a restore from a checkpoint rolls back."""
     metric, better = spec.tune.metric, (min if spec.tune.mode == "min" else max)
     rows = []
     for result in results:
-        frame = result.metrics_dataframe
-        history = [] if frame is None or metric not in frame else [
-            (int(step), float(value)) for step, value in zip(frame["step"], frame[metric]) if not math.isnan(value)
-        ]
-        steps = int(frame["step"].max()) if frame is not None and "step" in frame else 0
         metrics = result.metrics or {}
+        trial = metrics.get("trial_id") or Path(result.path).name.split("_")[-2]
+        entries = (reported(trial) if reported else []) or _tune_entries(result.metrics_dataframe, metric)
+        history = [(int(e["step"]), float(e[metric])) for e in entries
+                   if isinstance(e.get(metric), (int, float)) and not math.isnan(e[metric])]
+        steps = max((int(e["step"]) for e in entries), default=0)
         rows.append({
-            "trial": metrics.get("trial_id") or Path(result.path).name.split("_")[-2],
+            "trial": trial,
             "params": {keys.get(k, k): v for k, v in (result.config or {}).items()},
             f"best_{metric}": better(v for _, v in history) if history else None,
             "steps": steps,
+            "trained_steps": trained_steps(entries),
             "stopped_early": result.error is None and steps < spec.train.max_steps,
             "status": "error" if result.error is not None else "complete",
             "wall_s": round(float(metrics.get("time_total_s", 0.0)), 1),
@@ -45,9 +48,38 @@ def trial_rows(spec: JobSpec, results, keys: dict[str, str]) -> list[dict[str, A
     return rows
 
 
+def _tune_entries(frame, metric: str) -> list[dict]:
+    if frame is None or "step" not in frame:
+        return []
+    columns = [c for c in ("step", metric, "resumed_from_step") if c in frame]
+    return frame[columns].to_dict("records")
+
+
+def trained_steps(entries: list[dict]) -> int:
+    """Optimizer steps a trial trained, from its results in order: a result continues the one before it, or (after
+    HyperBand paused the trial, or PBT restarted it from another trial's checkpoint) the step its run resumed from.
+    Steps trained after a trial's last result, before a scheduler's stop reached it, are not seen (ASHA)."""
+    total, previous = 0, None
+    for entry in entries:
+        start = entry.get("resumed_from_step", 0)
+        step, start = int(entry["step"]), 0 if start is None or start != start else int(start)  # NaN: not reported
+        continues = previous is not None and previous[1] == start and previous[0] < step
+        total += step - (previous[0] if continues else start)
+        previous = (step, start)
+    return total
+
+
 def publish(spec: JobSpec, search: str, storage, search_dir: str, fitted, echo) -> tuple[list[dict], dict]:
     results, keys = fitted
-    rows = trial_rows(spec, results, keys)
+
+    def reported(trial_id: str) -> list[dict]:
+        try:
+            text = storage.read_bytes(trial_layout(storage, search, trial_id).file("reported.jsonl")).decode()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    rows = trial_rows(spec, results, keys, reported)
     for row in rows:  # PBT's: each trial's copies and perturbations, as the trial recorded them (launch/trial.py)
         row["mutations"] = _mutations(storage, search, row["trial"]) if spec.tune.scheduler.type == "pbt" else []
     metric = f"best_{spec.tune.metric}"
@@ -87,10 +119,10 @@ def _copy_best_adapter(storage, search: str, search_dir: str, trial_id: str) -> 
 def _csv(rows: list[dict], metric: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["rank", "trial", "params", metric, "steps", "stopped_early", "status", "wall_s", "mutations"])
+    writer.writerow(["rank", "trial", "params", metric, "steps", "trained_steps", "stopped_early", "status", "wall_s", "mutations"])
     for r in rows:
-        writer.writerow([r["rank"], r["trial"], json.dumps(r["params"]), r[metric], r["steps"], r["stopped_early"], r["status"],
-                         r["wall_s"], json.dumps(r.get("mutations", []))])
+        writer.writerow([r["rank"], r["trial"], json.dumps(r["params"]), r[metric], r["steps"], r["trained_steps"],
+                         r["stopped_early"], r["status"], r["wall_s"], json.dumps(r.get("mutations", []))])
     return out.getvalue()
 
 

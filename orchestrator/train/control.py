@@ -92,3 +92,20 @@ def _preemption_noticed() -> bool:
         return get_train_context().preemption_context.preemption_info is not None
     except Exception:  # outside Ray Train (in-process tests), or another Ray
         return False
+
+
+class SchedulerGate:
+    """Under a search scheduler that pauses trials (HyperBand, PBT), a trial's workers wait at each checkpoint they
+    report until Tune has let the trial go on (launch/trial.py acknowledges). Without it the workers train on while
+    Tune decides, and a trial paused at step N would have run further, even to its end, before it was stopped."""
+
+    def __init__(self, acknowledgements: Optional[Any], rank: int):
+        self.acknowledgements, self.rank = acknowledgements, rank
+
+    def wait(self) -> None:
+        """Collective: rank 0 waits for the acknowledgement, every rank for rank 0."""
+        if self.acknowledgements is None:
+            return
+        if self.rank == 0:
+            self.acknowledgements.get()
+        dist.barrier()

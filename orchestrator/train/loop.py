@@ -22,7 +22,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
 from orchestrator.train import faults, storage_io
 from orchestrator.train.checkpoint import Checkpointer, TrainerState
-from orchestrator.train.control import StepBoundary
+from orchestrator.train.control import SchedulerGate, StepBoundary
 from orchestrator.train.engine import build_engine, prepare_deepspeed, trim_freed_heap
 from orchestrator.train.measure import LossWindow, evaluate, probe_logits
 from orchestrator.train.model import ParameterCounts, build_adapted_model, frozen_weights_checksum, load_tokenizer
@@ -51,6 +51,7 @@ class Worker:
     built_rates: list[tuple[str, float]]  # (optimizer group, base learning rate) as built
     checkpoints: Checkpointer
     boundary: StepBoundary  # the group's agreement to stop, or to checkpoint before a node goes
+    gate: SchedulerGate  # a search trial's wait, at each checkpoint, for its scheduler's verdict
     # The adapter method's per-step work (Delta-LoRA's snapshot), and a test's fault injection: None
     # when there is none, so production pays one `if` per step for each.
     before_step: Optional[Callable[[int], None]]
@@ -148,6 +149,7 @@ def set_up(config: dict[str, Any]) -> Worker:
         counts=counts, base_checksum=base_checksum, engine=engine, built_rates=built_rates,
         checkpoints=Checkpointer(engine, run, rank, zero3, export),
         boundary=StepBoundary(config.get("stop_request"), rank, world),
+        gate=SchedulerGate(config.get("scheduler_gate"), rank),
         before_step=method.step_hook(engine.module, spec.adapter, zero3),
         after_step=faults.hook_for(config["run_id"], rank),  # None unless a test schedules faults
     )
@@ -206,13 +208,16 @@ def log_step(worker: Worker, state: TrainerState, window: LossWindow, history: l
     history.append(metrics)
     worker.emit(event="step", max_steps=train.max_steps, elapsed=time.perf_counter() - run_started,
                 start_step=start_step, **metrics)
+    # Where this start of the run began: a search counts the steps its trials trained, restarts included.
+    reported = {**metrics, "resumed_from_step": start_step}
     if checkpoint_due:
         blocking_started = time.perf_counter()
-        worker.checkpoints.save(state, metrics, history)
+        worker.checkpoints.save(state, reported, history)
         worker.emit(event="checkpoint", step=done, uri=worker.run.layout.uri + f"/checkpoints/step-{done:08d}",
                     blocked_s=time.perf_counter() - blocking_started)
+        worker.gate.wait()
     elif eval_due:
-        ray.train.report(metrics)
+        ray.train.report(reported)
 
 
 def finish(worker: Worker, start_step: int, history: list[dict], run_started: float) -> None:
