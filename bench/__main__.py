@@ -1,6 +1,6 @@
 """Run the performance suite and print one line per figure: `<name>: ratio=<x> goal=<op><y> met|missed`.
 
-    python -m bench [--quick] [--only throughput,overhead,checkpoint,scaling,data,gpu,packing,data_check,memory] [--json results.json]
+    python -m bench [--quick] [--only throughput,overhead,checkpoint,scaling,data,gpu,packing,data_check,memory,search] [--json results.json]
 
 Absolute figures (seconds, percent) print as `value_s=` / `value_pct=` with the baseline beside them.
 Each run records the machine and package versions with the figures (--json).
@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import data_check, gpu, memory, packing, perf
+from bench import data_check, gpu, memory, packing, perf, search
 
 SUITES = {"throughput": perf.throughput, "overhead": perf.overhead, "checkpoint": perf.checkpoint_cost,
           "scaling": perf.scaling, "data": perf.data_cache, "gpu": gpu.gpu_figures,
           "memory": memory.memory_figures}
-SUITES |= {"packing": packing.packing, "data_check": data_check.data_check}
+SUITES |= {"packing": packing.packing, "data_check": data_check.data_check, "search": search.search_figures}
 
 
 def environment() -> dict:

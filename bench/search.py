@@ -94,15 +94,3 @@ def search_spec(name: str, tune: dict, steps: int, storage_uri: str, overrides: 
     for section, values in overrides.items():
         spec[section] = {**spec[section], **values}
     return spec
-
-
-def _run(figures: Callable[[Bench], list[Figure]]) -> None:  # python -m bench.search
-    import tempfile
-    from pathlib import Path
-
-    for figure in figures(Bench(root=Path(tempfile.mkdtemp(prefix="orchestrator-bench-search-")), steps=100)):
-        print(figure.line(), flush=True)
-
-
-if __name__ == "__main__":
-    _run(search_figures)
