@@ -21,7 +21,7 @@ from typing import Any, Callable
 from bench.perf import Bench, Figure
 
 RANKS, RATIOS, RATES = [4, 8, 16], [1, 4, 16], [3e-4, 1e-3, 3e-3]
-STEPS, EVAL_EVERY = 80, 5
+STEPS, EVAL_EVERY = 40, 5
 DEFAULT = "asha"
 
 
@@ -29,7 +29,7 @@ def search_figures(bench: Bench) -> list[Figure]:
     import orchestrator
     from orchestrator.spec import validate_spec
 
-    steps = STEPS if bench.steps >= 100 else 40  # --quick
+    steps = STEPS if bench.steps >= 100 else 20  # --quick
     store = bench.root / "search-store"
     store.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ORCHESTRATOR_STORE_DIR", str(store))
@@ -69,7 +69,6 @@ def strategies(steps: int) -> dict[str, list[tuple[str, dict, dict]]]:
     return {
         "grid": [("", {"search": "grid", "scheduler": {"type": "fifo"}, "space": space}, {})],
         "asha": [("", {"search": "grid", "space": space}, {})],  # the default scheduler with its default options
-        "asha_rf4": [("", {"search": "grid", "space": space, "scheduler": {"type": "asha", "reduction_factor": 4}}, {})],
         "hyperband": [("", {"search": "grid", "space": space, "scheduler": {"type": "hyperband"}}, every_eval)],
         "optuna": [("", {"search": "optuna", "num_samples": 27, "space": space}, {})],
         "pbt": [(f"-r{rank}", {"search": "grid", "space": rates_only,

@@ -91,6 +91,8 @@ def test_concurrency_is_what_the_cluster_holds():
                          "scaling": {"num_workers": 2, "use_gpu": True}})
     assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 8}) == 3
     assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 2}) == 1
+    with pytest.raises(OrchestratorError, match="a trial's driver needs 1 GiB of Ray's memory resource"):
+        max_concurrent_trials(spec, {"CPU": 16, "memory": 2**29})
 
 
 def test_export_refuses_a_search_and_names_its_trials(tmp_path):
@@ -270,23 +272,26 @@ def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_r
 @pytest.mark.slow
 def test_hyperband_pauses_trials_at_its_rungs_and_continues_the_best_from_their_own_checkpoints(ray_session, s3_storage_uri):
     spec = make_spec(
-        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},  # one trial at a time
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},  # one trial trains at a time
         train={"max_steps": 20, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 5, "log_every": 5, "max_failures": 0},
-        # Seed 0 runs this grid as 1e-3, 1e-5, 5e-3, 1e-4. Ray's HyperBand fills its least aggressive bracket first
-        # (the first 2 trials run to the end). With a reduction factor of max_steps the next bracket holds the other
-        # 2: 5e-3 reaches the rung (its first checkpoint) and is paused while 1e-4 runs; then 1e-4 stops and 5e-3
-        # continues from its own checkpoint.
+        # Seed 0 creates this grid's trials as 1e-3, 1e-5, 5e-3, 1e-4. Ray's HyperBand fills its least aggressive
+        # bracket first (the first 2 trials run to the end). With a reduction factor of max_steps the next bracket
+        # holds the other 2; its rung is their first checkpoint (step 5): the first there is paused until the other
+        # arrives, then 1e-4 stops and 5e-3 goes on (from its own checkpoint, if it was the one paused).
         tune={"name": "hyperband", "num_samples": 1, "seed": 0, "space": {"optim.lr": {"grid": [1e-5, 5e-3, 1e-3, 1e-4]}},
               "scheduler": {"type": "hyperband", "reduction_factor": 20}},
     )
-    rows = orchestrator.tune(spec, echo=print).leaderboard
+    lines: list[str] = []
+    rows = orchestrator.tune(spec, echo=lambda line: (lines.append(line), print(line))).leaderboard
     by_rate = {row["params"]["optim.lr"]: row for row in rows}
     assert len(rows) == 4 and all(row["status"] == "complete" for row in rows), rows
     assert [by_rate[rate]["stopped_early"] for rate in (1e-3, 1e-5, 5e-3, 1e-4)] == [False, False, False, True], rows
     assert by_rate[1e-4]["steps"] == 5
     # A paused trial went on from its own newest checkpoint: no step was trained twice, none was skipped.
     assert all(row["trained_steps"] == row["steps"] for row in rows), rows
+    at_the_rung = [line.split()[1] for line in lines if re.match(r"trial \S+ step 5/20", line)]
+    paused = at_the_rung.index(by_rate[5e-3]["trial"]) < at_the_rung.index(by_rate[1e-4]["trial"])
     storage = open_storage(s3_storage_uri)
     summary = json.loads(storage.read_bytes(storage.path("tune", "hyperband", "trials", by_rate[5e-3]["trial"], "summary.json")))
-    assert summary["resumed_from_step"] == 5, summary  # paused at the rung, then continued
+    assert summary["resumed_from_step"] == (5 if paused else 0), (summary, lines)
     assert rows[0]["params"]["optim.lr"] == 5e-3, rows

@@ -34,6 +34,10 @@ from orchestrator.storage.objectstore import exported_env
 
 # A trial's own driver needs almost nothing; {"CPU": 0} is refused by Tune.
 _TRIAL_DRIVER_CPU = 0.01
+# What a trial's driver and its Train controller hold in memory (measured: 0.77 GB with their queues and helpers).
+# Declared, so that Ray starts no more trial drivers than a node can hold: HyperBand and PBT create every trial
+# at once, and 27 drivers waiting for workers took 18 GB on a 24 GB machine until Ray's memory monitor killed them.
+_TRIAL_DRIVER_MEMORY = 1 << 30
 
 
 @dataclass
@@ -50,6 +54,9 @@ def max_concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
     per_trial_gpu = spec.scaling.num_workers * spec.scaling.gpus_per_worker
     if spec.scaling.use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0) / per_trial_gpu))
+    if cluster.get("memory", _TRIAL_DRIVER_MEMORY) < _TRIAL_DRIVER_MEMORY:
+        raise OrchestratorError(f"scaling: a trial's driver needs {_TRIAL_DRIVER_MEMORY / 2**30:g} GiB of Ray's memory "
+                                f"resource but the Ray cluster has {cluster['memory'] / 2**30:.2f} GiB")
     if fits < 1:
         raise OrchestratorError(
             f"scaling: one trial needs {per_trial_cpu:g} CPUs"
@@ -97,7 +104,7 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
     keys = {f"p{i}": key for i, key in enumerate(spec.tune.space)}  # Tune-safe names for dotted keys
     context = {"keys": keys, "base": spec.model_dump(mode="json", exclude={"tune"}), "search": search,
                "storage_uri": storage_uri, "resolved": resolved, "tune": spec.tune}
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context), {"CPU": _TRIAL_DRIVER_CPU})
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context), {"CPU": _TRIAL_DRIVER_CPU, "memory": _TRIAL_DRIVER_MEMORY})
     fs = storage.pyarrow_filesystem()
     tuner_path = f"{search_dir}/tuner"
     if resume:
