@@ -34,7 +34,10 @@ def search_figures(bench: Bench) -> list[Figure]:
     store.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ORCHESTRATOR_STORE_DIR", str(store))
     outcomes: dict[str, dict[str, Any]] = {}
+    chosen = os.environ.get("BENCH_SEARCH_STRATEGIES")  # a comma-separated subset (the grid always runs)
     for name, searches in strategies(steps).items():
+        if chosen and name != "grid" and name not in chosen.split(","):
+            continue
         started, rows = time.perf_counter(), []
         for tag, tune, overrides in searches:
             spec = validate_spec(search_spec(f"{name}{tag}", tune, steps, f"file://{store}", overrides))
@@ -69,6 +72,7 @@ def strategies(steps: int) -> dict[str, list[tuple[str, dict, dict]]]:
     return {
         "grid": [("", {"search": "grid", "scheduler": {"type": "fifo"}, "space": space}, {})],
         "asha": [("", {"search": "grid", "space": space}, {})],  # the default scheduler with its default options
+        "asha_rf2": [("", {"search": "grid", "space": space, "scheduler": {"type": "asha", "reduction_factor": 2}}, {})],
         "hyperband": [("", {"search": "grid", "space": space, "scheduler": {"type": "hyperband"}}, every_eval)],
         "optuna": [("", {"search": "optuna", "num_samples": 27, "space": space}, {})],
         "pbt": [(f"-r{rank}", {"search": "grid", "space": rates_only,

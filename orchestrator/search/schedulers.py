@@ -58,7 +58,7 @@ def build_scheduler(spec: JobSpec, keys: dict[str, str]):
     options, max_steps = spec.tune.scheduler, spec.train.max_steps
     if options.type == "asha":
         return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=options.grace_period or spec.train.eval_every,
-                             reduction_factor=options.reduction_factor or 2.0)
+                             reduction_factor=options.reduction_factor or 3.0)
     if options.type == "hyperband":
         return HyperBandScheduler(time_attr="step", max_t=max_steps, reduction_factor=options.reduction_factor or 3.0)
     if options.type == "pbt":

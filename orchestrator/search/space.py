@@ -95,7 +95,7 @@ class SchedulerSpec(BaseModel):
         "training) continues poor trials from good ones' checkpoints with perturbed optim.lr / lora_plus_ratio; "
         "fifo runs all to the end."))
     grace_period: Optional[int] = Field(None, ge=1, description="asha: steps before a trial may be stopped (default: train.eval_every).")
-    reduction_factor: Optional[float] = Field(None, gt=1, description="asha (default 2), hyperband (default 3): 1/reduction_factor of the trials go on at each rung.")
+    reduction_factor: Optional[float] = Field(None, gt=1, description="asha and hyperband (default 3): 1/reduction_factor of the trials go on at each rung.")
     perturbation_interval: Optional[int] = Field(None, ge=1, description="pbt: steps between perturbations, a multiple of train.checkpoint_every (default: train.checkpoint_every).")
     quantile_fraction: Optional[float] = Field(None, gt=0, le=0.5, description="pbt: the bottom fraction that copies the top fraction (default 0.25).")
     resample_probability: Optional[float] = Field(None, ge=0, le=1, description="pbt: chance a perturbed value is drawn anew from its dimension instead (default 0.25).")
