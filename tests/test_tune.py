@@ -269,29 +269,43 @@ def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_r
     assert "## PBT mutations" in storage.read_bytes(f"{search_dir}/leaderboard.md").decode()
 
 
+def test_hyperband_is_rays_synchronous_hyperband_over_the_step():
+    # Its pausing and continuing is sha's (test_sha_pauses_every_trial_…): the same pointers, gate and resume.
+    from ray.tune.schedulers import HyperBandScheduler
+
+    from orchestrator.search.schedulers import build_scheduler
+
+    spec = validate_spec(with_space({"optim.lr": {"grid": [1e-5, 5e-3]}}, scheduler={"type": "hyperband", "reduction_factor": 4}))
+    scheduler = build_scheduler(spec, {"p0": "optim.lr"})
+    assert isinstance(scheduler, HyperBandScheduler) and scheduler._eta == 4 and scheduler._max_t_attr == 20
+
+
 @pytest.mark.slow
-def test_hyperband_pauses_trials_at_its_rungs_and_continues_the_best_from_their_own_checkpoints(ray_session, s3_storage_uri):
+def test_sha_pauses_every_trial_at_each_rung_and_continues_exactly_the_best_from_their_own_checkpoints(ray_session, s3_storage_uri):
     spec = make_spec(
-        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},  # one trial trains at a time
-        train={"max_steps": 20, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 5, "log_every": 5, "max_failures": 0},
-        # Seed 0 creates this grid's trials as 1e-3, 1e-5, 5e-3, 1e-4. Ray's HyperBand fills its least aggressive
-        # bracket first (the first 2 trials run to the end). With a reduction factor of max_steps the next bracket
-        # holds the other 2; its rung is their first checkpoint (step 5): the first there is paused until the other
-        # arrives, then 1e-4 stops and 5e-3 goes on (from its own checkpoint, if it was the one paused).
-        tune={"name": "hyperband", "num_samples": 1, "seed": 0, "space": {"optim.lr": {"grid": [1e-5, 5e-3, 1e-3, 1e-4]}},
-              "scheduler": {"type": "hyperband", "reduction_factor": 20}},
+        # One trial trains at a time. No checkpoint_every: sha's trials checkpoint at its rungs.
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},
+        train={"max_steps": 20, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 0, "log_every": 5, "max_failures": 0},
+        tune={"name": "sha", "num_samples": 1, "seed": 0, "search": "grid",
+              "space": {"optim.lr": {"choice": [1e-5, 5e-3, 1e-3, 1e-4]}}, "scheduler": {"reduction_factor": 2}},
     )
-    lines: list[str] = []
-    rows = orchestrator.tune(spec, echo=lambda line: (lines.append(line), print(line))).leaderboard
-    by_rate = {row["params"]["optim.lr"]: row for row in rows}
+    assert spec.tune.scheduler.type == "sha"  # the default for a grid
+    rows = orchestrator.tune(spec, echo=print).leaderboard
     assert len(rows) == 4 and all(row["status"] == "complete" for row in rows), rows
-    assert [by_rate[rate]["stopped_early"] for rate in (1e-3, 1e-5, 5e-3, 1e-4)] == [False, False, False, True], rows
-    assert by_rate[1e-4]["steps"] == 5
-    # A paused trial went on from its own newest checkpoint: no step was trained twice, none was skipped.
-    assert all(row["trained_steps"] == row["steps"] for row in rows), rows
-    at_the_rung = [line.split()[1] for line in lines if re.match(r"trial \S+ step 5/20", line)]
-    paused = at_the_rung.index(by_rate[5e-3]["trial"]) < at_the_rung.index(by_rate[1e-4]["trial"])
+    # Rungs at 5 and 10: 4 trials → 2 → 1, which trains to the end. 40 trial-steps against the grid's 80.
+    assert sorted(row["steps"] for row in rows) == [5, 5, 10, 20], rows
+    assert all(row["trained_steps"] == row["steps"] for row in rows), rows  # no step trained twice
     storage = open_storage(s3_storage_uri)
-    summary = json.loads(storage.read_bytes(storage.path("tune", "hyperband", "trials", by_rate[5e-3]["trial"], "summary.json")))
-    assert summary["resumed_from_step"] == (5 if paused else 0), (summary, lines)
-    assert rows[0]["params"]["optim.lr"] == 5e-3, rows
+    trials = storage.path("tune", "sha", "trials")
+    eval_at = {row["trial"]: {m["step"]: m["eval_loss"] for m in _stored_jsonl(storage, f"{trials}/{row['trial']}/metrics.jsonl")
+                              if "eval_loss" in m} for row in rows}
+    for rung, keep in ((5, 2), (10, 1)):
+        reached = [row["trial"] for row in rows if row["steps"] >= rung]
+        went_on = {row["trial"] for row in rows if row["steps"] > rung}
+        assert went_on == set(sorted(reached, key=lambda trial: eval_at[trial][rung])[:keep]), (rung, eval_at)
+    # One trial trains at a time, so at least one of the two that went past step 5 was paused there (only the last
+    # to arrive is not) and went on from its own step-5 checkpoint.
+    resumed = {row["trial"]: {e["resumed_from_step"] for e in _stored_jsonl(storage, f"{trials}/{row['trial']}/reported.jsonl")}
+               for row in rows}
+    assert any(5 in resumed[row["trial"]] for row in rows if row["steps"] > 5), resumed
+    assert set().union(*resumed.values()) <= {0, 5, 10}, resumed

@@ -98,12 +98,13 @@ def require_resources(spec: JobSpec) -> None:
         raise OrchestratorError(f"scaling: no node of the Ray cluster can hold one worker ({per_worker})")
 
 
-# A local run owns a one-machine Ray: no node can be preempted and nothing scrapes Train's metrics, so
-# those helpers only take CPU from the workers; and a controller polling its workers every 0.5 s
-# instead of 2 notices the end of training sooner (each poll is one small call per worker). A variable
-# already set wins. Searches keep Ray's defaults (not measured there).
+# A local run owns a one-machine Ray: no node can be preempted and nothing scrapes Train's or Ray's
+# metrics, so those helpers only take CPU from the workers (Ray's metrics: every process of Ray records
+# and exports them, the local run's own Ray reads the variable at start); and a controller polling its
+# workers every 0.5 s instead of 2 notices the end of training sooner (each poll is one small call per
+# worker). A variable already set wins. Searches keep Ray's defaults (not measured there).
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
-                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_enable_metrics_collection": "0"}
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.launch.run import build_trainer, check_same_run, worker_config
 from orchestrator.plan import build_plan
 from orchestrator.search import trial_raw
-from orchestrator.search.schedulers import PAUSING, perturbed_fields
+from orchestrator.search.schedulers import PAUSING, perturbed_fields, scheduler_rungs
 from orchestrator.spec import JobSpec, spec_to_yaml, validate_spec
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout, trial_layout
@@ -50,6 +50,7 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     record_trial(storage, layout, spec, values, perturbed_fields(context["tune"]))
     # The trial's own plan: a search may vary what the DeepSpeed config depends on (batch, ZeRO stage).
     config = worker_config(spec, layout, context["storage_uri"], context["resolved"], build_plan(spec).deepspeed)
+    config["scheduler_rungs"] = scheduler_rungs(context["tune"], spec.train)
     pausing = context["tune"].scheduler.type in PAUSING
     _fit_and_report(spec, config, layout, storage, trial_id, context["tune"].metric, pausing)
 

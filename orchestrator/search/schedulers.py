@@ -1,10 +1,11 @@
-"""How a search spends its steps (`tune.scheduler`): ASHA, synchronous HyperBand, PBT or FIFO, as Ray Tune's
-schedulers over the optimizer step.
+"""How a search spends its steps (`tune.scheduler`): ASHA, synchronous successive halving, synchronous HyperBand,
+PBT or FIFO, as Ray Tune's schedulers over the optimizer step.
 
-HyperBand and PBT stop a trial's actor and start it again later (PBT: with another trial's checkpoint and
-perturbed rates). A trial is an ordinary run, so it goes on from a checkpoint in its own storage; these two
+SHA, HyperBand and PBT stop a trial's actor and start it again later (PBT: with another trial's checkpoint and
+perturbed rates). A trial is an ordinary run, so it goes on from a checkpoint in its own storage; these
 schedulers therefore see a trial's results only at its checkpoints (launch/trial.py), so that every point where
-they pause a trial is one it can continue from without repeating steps.
+they pause a trial is one it can continue from without repeating steps. SHA's trials checkpoint at its rungs
+themselves; HyperBand and PBT use the spec's checkpoint_every.
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any, Optional
 
-from orchestrator.search.space import MUTABLE_MID_RUN, Dimension, TuneSpec, split_key
+from orchestrator.search.space import MUTABLE_MID_RUN, Dimension, TuneSpec, split_key, trial_count
 
 if TYPE_CHECKING:
-    from orchestrator.spec import JobSpec
+    from orchestrator.search.space import SchedulerSpec
+    from orchestrator.spec import JobSpec, TrainSpec
 
 # Schedulers that pause trials and continue them from a checkpoint.
-PAUSING = ("hyperband", "pbt")
+PAUSING = ("sha", "hyperband", "pbt")
 
 
 def scheduler_problems(spec: JobSpec) -> list[str]:
     """What the chosen scheduler cannot do with this job, one line each naming the field."""
     tune, train, problems = spec.tune, spec.train, []
     kind = tune.scheduler.type
-    if kind in PAUSING and not train.checkpoint_every:
+    if kind in ("hyperband", "pbt") and not train.checkpoint_every:
         problems.append(f"train.checkpoint_every: {kind} pauses trials and continues them from their checkpoints; "
                         "set checkpoint_every (a multiple of eval_every)")
     if kind in PAUSING and tune.max_concurrent_trials is not None:
         problems.append(f"tune.max_concurrent_trials: {kind} keeps every trial of a bracket or population live and pauses "
                         "them in turn; the cluster's resources decide how many run at once")
+    if kind == "sha" and tune.search == "optuna":
+        problems.append("tune.search: optuna draws each trial after seeing the last ones' results; sha compares every "
+                        "trial at each rung, so all are drawn at once (use random or grid, or scheduler asha)")
     if kind != "pbt":
         return problems
     for key in tune.space:
@@ -44,8 +49,6 @@ def scheduler_problems(spec: JobSpec) -> list[str]:
     if interval is not None and train.checkpoint_every and interval % train.checkpoint_every:
         problems.append(f"tune.scheduler.perturbation_interval: {interval} is not a multiple of train.checkpoint_every "
                         f"({train.checkpoint_every}); a trial can only be copied at its checkpoints")
-    from orchestrator.search.space import trial_count
-
     if trial_count(tune) < 2:
         problems.append("tune.num_samples: pbt needs a population of at least 2 trials")
     return problems
@@ -57,8 +60,13 @@ def build_scheduler(spec: JobSpec, keys: dict[str, str]):
 
     options, max_steps = spec.tune.scheduler, spec.train.max_steps
     if options.type == "asha":
-        return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=options.grace_period or spec.train.eval_every,
-                             reduction_factor=options.reduction_factor or 3.0)
+        return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_period(options, spec.train),
+                             reduction_factor=options.reduction_factor or 2.0)
+    if options.type == "sha":
+        from orchestrator.search.halving import SuccessiveHalving
+
+        return SuccessiveHalving(trials=trial_count(spec.tune), grace_period=grace_period(options, spec.train),
+                                 reduction_factor=options.reduction_factor or 3.0, max_t=max_steps, time_attr="step")
     if options.type == "hyperband":
         return HyperBandScheduler(time_attr="step", max_t=max_steps, reduction_factor=options.reduction_factor or 3.0)
     if options.type == "pbt":
@@ -72,6 +80,19 @@ def build_scheduler(spec: JobSpec, keys: dict[str, str]):
             custom_explore_fn=_InsideBounds({name: spec.tune.space[key] for name, key in keys.items()}),
         )
     return FIFOScheduler()
+
+
+def grace_period(options: SchedulerSpec, train: TrainSpec) -> int:
+    return options.grace_period or train.eval_every or train.max_steps
+
+
+def scheduler_rungs(tune: Optional[TuneSpec], train: TrainSpec) -> tuple[int, ...]:
+    """The steps where the search's scheduler decides, where its trials evaluate and checkpoint (sha's rungs)."""
+    if tune is None or tune.scheduler.type != "sha":
+        return ()
+    from orchestrator.search.halving import halving_rungs
+
+    return halving_rungs(grace_period(tune.scheduler, train), tune.scheduler.reduction_factor or 3.0, train.max_steps)
 
 
 def _mutation_domain(dimension: Dimension):

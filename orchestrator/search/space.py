@@ -77,11 +77,13 @@ MUTABLE_MID_RUN = ("optim.lr", "optim.lora_plus_ratio")
 # The options each scheduler takes; any other given option is refused, naming the scheduler.
 SCHEDULER_OPTIONS = {
     "asha": ("grace_period", "reduction_factor"),
+    "sha": ("grace_period", "reduction_factor"),
     "hyperband": ("reduction_factor",),
     "pbt": ("perturbation_interval", "quantile_fraction", "resample_probability"),
     "fifo": (),
 }
 _WHAT_IT_DOES = {"fifo": "fifo runs every trial to the end", "asha": "asha stops poor trials at its rungs",
+                 "sha": "sha pauses every trial at each rung and continues the best",
                  "hyperband": "hyperband pauses and continues trials in synchronous brackets",
                  "pbt": "pbt copies good trials over poor ones and perturbs their rates"}
 
@@ -89,13 +91,16 @@ _WHAT_IT_DOES = {"fifo": "fifo runs every trial to the end", "asha": "asha stops
 class SchedulerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["asha", "hyperband", "pbt", "fifo"] = Field("asha", description=(
-        "asha stops poor trials early (asynchronous successive halving); hyperband runs synchronous brackets, "
+    type: Literal["asha", "sha", "hyperband", "pbt", "fifo"] = Field("sha", description=(
+        "Default: sha for random and grid searches, asha for optuna or with max_concurrent_trials. "
+        "asha stops poor trials early (asynchronous successive halving); sha (synchronous successive halving) "
+        "pauses every trial at each rung and continues the best 1/reduction_factor from their checkpoints; "
+        "hyperband runs synchronous brackets, "
         "pausing trials at each rung and continuing the best from their checkpoints; pbt (population-based "
         "training) continues poor trials from good ones' checkpoints with perturbed optim.lr / lora_plus_ratio; "
         "fifo runs all to the end."))
-    grace_period: Optional[int] = Field(None, ge=1, description="asha: steps before a trial may be stopped (default: train.eval_every).")
-    reduction_factor: Optional[float] = Field(None, gt=1, description="asha and hyperband (default 3): 1/reduction_factor of the trials go on at each rung.")
+    grace_period: Optional[int] = Field(None, ge=1, description="asha, sha: steps before a trial may be stopped, the first rung (default: train.eval_every).")
+    reduction_factor: Optional[float] = Field(None, gt=1, description="asha (default 2), sha and hyperband (default 3): 1/reduction_factor of the trials go on at each rung.")
     perturbation_interval: Optional[int] = Field(None, ge=1, description="pbt: steps between perturbations, a multiple of train.checkpoint_every (default: train.checkpoint_every).")
     quantile_fraction: Optional[float] = Field(None, gt=0, le=0.5, description="pbt: the bottom fraction that copies the top fraction (default 0.25).")
     resample_probability: Optional[float] = Field(None, ge=0, le=1, description="pbt: chance a perturbed value is drawn anew from its dimension instead (default 0.25).")
@@ -125,6 +130,15 @@ class TuneSpec(BaseModel):
         "random: sample choice/uniform/… dimensions, expand grid ones; grid: every combination of choice and grid "
         "values; optuna: Optuna's TPE (define-by-run: the method first, then the dimensions that apply to it)."))
     seed: int = Field(0, description="Seed of the sampler, so a search is reproducible; also the order grid points run in.")
+
+    @model_validator(mode="after")
+    def _default_scheduler_for_the_search(self) -> "TuneSpec":
+        # sha compares every trial at each rung, so all are created up front and the cluster's resources decide how
+        # many run. Optuna draws each trial from the results of those before it, and max_concurrent_trials caps the
+        # trials alive at once: both leave the default to asha, whose cuts are asynchronous.
+        if "type" not in self.scheduler.model_fields_set and (self.search == "optuna" or self.max_concurrent_trials):
+            self.scheduler = self.scheduler.model_copy(update={"type": "asha"})
+        return self
 
 
 def trial_count(tune_spec: TuneSpec) -> int:

@@ -99,8 +99,12 @@ class SchedulerGate:
     report until Tune has let the trial go on (launch/trial.py acknowledges). Without it the workers train on while
     Tune decides, and a trial paused at step N would have run further, even to its end, before it was stopped."""
 
-    def __init__(self, acknowledgements: Optional[Any], rank: int):
+    def __init__(self, acknowledgements: Optional[Any], rank: int, rungs: tuple[int, ...] = ()):
         self.acknowledgements, self.rank = acknowledgements, rank
+        self.rungs = frozenset(rungs)  # steps the scheduler decides at (sha): evaluated and checkpointed whatever the spec says
+
+    def decides_at(self, step: int) -> bool:
+        return step in self.rungs
 
     def wait(self) -> None:
         """Collective: rank 0 waits for the acknowledgement, every rank for rank 0."""

@@ -149,7 +149,7 @@ def set_up(config: dict[str, Any]) -> Worker:
         counts=counts, base_checksum=base_checksum, engine=engine, built_rates=built_rates,
         checkpoints=Checkpointer(engine, run, rank, zero3, export),
         boundary=StepBoundary(config.get("stop_request"), rank, world),
-        gate=SchedulerGate(config.get("scheduler_gate"), rank),
+        gate=SchedulerGate(config.get("scheduler_gate"), rank, tuple(config.get("scheduler_rungs", ()))),
         before_step=method.step_hook(engine.module, spec.adapter, zero3),
         after_step=faults.hook_for(config["run_id"], rank),  # None unless a test schedules faults
     )
@@ -193,9 +193,9 @@ def log_step(worker: Worker, state: TrainerState, window: LossWindow, history: l
     import ray.train
 
     train, done, engine = worker.spec.train, state.step, worker.engine
-    is_last = done == train.max_steps
-    eval_due = is_last or (train.eval_every and done % train.eval_every == 0)
-    checkpoint_due = checkpoint_now or is_last or (train.checkpoint_every and done % train.checkpoint_every == 0)
+    is_last, at_rung = done == train.max_steps, worker.gate.decides_at(done)
+    eval_due = is_last or at_rung or (train.eval_every and done % train.eval_every == 0)
+    checkpoint_due = checkpoint_now or is_last or at_rung or (train.checkpoint_every and done % train.checkpoint_every == 0)
     # ray.train.report synchronises with the controller (about 1 s each on 2 cores): report to Ray
     # (and Tune's schedulers) only at evaluations and checkpoints; the console gets every log.
     if not (eval_due or checkpoint_due or done % train.log_every == 0):
