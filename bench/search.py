@@ -7,7 +7,8 @@ strategy, each against the full grid:
   PBT restarts from another trial's checkpoint counts the steps it trains again);
 - best: the best eval loss any of its trials reached, ÷ the grid's best.
 
-The project's default strategy (ASHA with its default options over the seeded grid) carries the goals:
+The project's default strategy (synchronous successive halving with its default options over the seeded grid)
+carries the goals:
 trial-steps ≤ 0.33 and best ≤ 1.02. The others print beside it, without goals. PBT cannot change a rank
 inside a run, so it runs one population per rank (9 trials each: ratio × learning rate, both perturbed).
 """
@@ -22,7 +23,7 @@ from bench.perf import Bench, Figure
 
 RANKS, RATIOS, RATES = [4, 8, 16], [1, 4, 16], [3e-4, 1e-3, 3e-3]
 STEPS, EVAL_EVERY = 40, 5
-DEFAULT = "asha"
+DEFAULT = "sha"
 
 
 def search_figures(bench: Bench) -> list[Figure]:
@@ -71,8 +72,8 @@ def strategies(steps: int) -> dict[str, list[tuple[str, dict, dict]]]:
     rates_only = {k: v for k, v in space.items() if k != "adapter.r"}
     return {
         "grid": [("", {"search": "grid", "scheduler": {"type": "fifo"}, "space": space}, {})],
-        "asha": [("", {"search": "grid", "space": space}, {})],  # the default scheduler with its default options
-        "sha": [("", {"search": "grid", "space": space, "scheduler": {"type": "sha"}}, {})],
+        "sha": [("", {"search": "grid", "space": space}, {})],  # the default scheduler with its default options
+        "asha": [("", {"search": "grid", "space": space, "scheduler": {"type": "asha"}}, {})],
         "hyperband": [("", {"search": "grid", "space": space, "scheduler": {"type": "hyperband"}}, every_eval)],
         "optuna": [("", {"search": "optuna", "num_samples": 27, "space": space}, {})],
         "pbt": [(f"-r{rank}", {"search": "grid", "space": rates_only,

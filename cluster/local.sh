@@ -20,4 +20,5 @@ exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN \
   RAY_AUTH_MODE=token RAY_ADDRESS="127.0.0.1:$gcs_port" \
   ray start --head --block --node-ip-address=127.0.0.1 --port="$gcs_port" \
   --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --num-cpus="$num_cpus" \
+  --resources='{"orchestrator_trial_slots": 1}' \
   --dashboard-agent-listen-port="${RAY_DASHBOARD_AGENT_PORT:-0}"

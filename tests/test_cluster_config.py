@@ -18,6 +18,7 @@ from orchestrator import cli
 from orchestrator.errors import JobSpecError
 from orchestrator.launch.cluster_client import ClusterError, auth_headers, dashboard_url, shortfall
 from orchestrator.launch.submit import CREDENTIALS_FILE, build_runtime_env, check_cluster_storage, entrypoint, load_runtime_env
+from orchestrator.launch.runtime import TRIAL_SLOTS
 from orchestrator.plan import cluster_needs, worker_resources
 from orchestrator.spec import load_spec, validate_spec
 from tests.helpers import MINIMAL_SPEC, REPO, make_spec
@@ -56,7 +57,8 @@ def test_launcher_yamls_define_cpu_head_and_autoscaling_gpu_workers_that_install
     assert config["provider"]["type"] == provider
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    assert head["resources"] == {"CPU": 0} and head["min_workers"] == head["max_workers"] == 0  # the head trains nothing
+    # The head trains nothing; it holds the trial slots that bound a search's live trial drivers (launch/tune.py).
+    assert head["resources"] == {"CPU": 0, TRIAL_SLOTS: 1} and head["min_workers"] == head["max_workers"] == 0
     gpu_types = [t for n, t in types.items() if n != config["head_node_type"]]
     assert gpu_types and all(0 <= t["min_workers"] < t["max_workers"] <= config["max_workers"] for t in gpu_types)
     image, tag = config["docker"]["image"].rsplit(":", 1)
@@ -99,6 +101,7 @@ def _check_ray_cluster_spec(spec: dict, job) -> None:
     assert _ray_versions_accepted().contains(spec["rayVersion"])
     head, groups = spec["headGroupSpec"], spec["workerGroupSpecs"]
     assert head["rayStartParams"]["num-cpus"] == "0"
+    assert json.loads(json.loads(head["rayStartParams"]["resources"])) == {TRIAL_SLOTS: 1}  # KubeRay's quoting
     containers = [c for t in [head["template"]] + [g["template"] for g in groups] for c in _containers(t)]
     for container in containers:
         env = {e["name"]: e for e in container["env"]}
@@ -165,7 +168,7 @@ def test_local_head_script_starts_a_blocking_token_auth_head_on_loopback(tmp_pat
     assert calls[0] == "get-auth-token" and calls[-1].startswith("start ") and not any(c.startswith("stop") for c in calls)
     assert flags == {"--head": True, "--block": True, "--node-ip-address": "127.0.0.1", "--port": "6379",
                      "--dashboard-host": "127.0.0.1", "--dashboard-port": "8265", "--num-cpus": "3",
-                     "--dashboard-agent-listen-port": "0"}
+                     "--dashboard-agent-listen-port": "0", "--resources": json.dumps({TRIAL_SLOTS: 1})}
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env  # jobs get them from the submitter
 

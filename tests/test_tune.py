@@ -17,7 +17,8 @@ import yaml
 import orchestrator
 from orchestrator import cli
 from orchestrator.errors import JobSpecError, OrchestratorError
-from orchestrator.launch.tune import max_concurrent_trials
+from orchestrator.launch.runtime import TRIAL_SLOTS
+from orchestrator.launch.tune import max_concurrent_trials, trial_driver_resources
 from orchestrator.search import trial_raw
 from orchestrator.spec import validate_spec
 from orchestrator.storage.fs import open_storage
@@ -93,6 +94,28 @@ def test_concurrency_is_what_the_cluster_holds():
     assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 2}) == 1
     with pytest.raises(OrchestratorError, match="a trial's driver needs 1 GiB of Ray's memory resource"):
         max_concurrent_trials(spec, {"CPU": 16, "memory": 2**29})
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3, 7, 64])
+def test_trial_slots_let_exactly_the_concurrent_trials_drivers_live(concurrency):
+    spec = validate_spec(with_space({"optim.lr": {"grid": [1e-5, 5e-3]}}, scheduler={"type": "sha"}, max_concurrent_trials=concurrency))
+    share = trial_driver_resources(spec, concurrency, {"CPU": 16, TRIAL_SLOTS: 1.0})[TRIAL_SLOTS]
+    assert concurrency * share <= 1.0 < (concurrency + 1) * share
+    # A Ray without the slots (a cluster not set up from cluster/) cannot cap a pausing scheduler's live trials.
+    with pytest.raises(OrchestratorError, match=f"tune.max_concurrent_trials: sha creates every trial at once and this Ray cluster has no {TRIAL_SLOTS}"):
+        trial_driver_resources(spec, concurrency, {"CPU": 16})
+    # Without the cap asked for, the drivers' memory bounds them there; asha's searcher caps its live trials itself.
+    uncapped = validate_spec(with_space({"optim.lr": {"grid": [1e-5, 5e-3]}}, scheduler={"type": "sha"}))
+    asha = validate_spec(with_space({"optim.lr": {"grid": [1e-5, 5e-3]}}, max_concurrent_trials=concurrency))
+    for job in (uncapped, asha):
+        assert TRIAL_SLOTS not in trial_driver_resources(job, concurrency, {"CPU": 16})
+
+
+@pytest.mark.slow
+def test_every_ray_the_project_starts_has_the_trial_slots(ray_session):
+    import ray
+
+    assert ray.cluster_resources()[TRIAL_SLOTS] == 1.0
 
 
 def test_export_refuses_a_search_and_names_its_trials(tmp_path):

@@ -150,6 +150,10 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
 
 
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read before RAY_ADDRESS by Ray's state-API clients
+# A custom resource of 1 on every Ray this project starts: a search's trial drivers each take 1/n of it, so that
+# no more than n drivers live at once (launch/tune.py). Ray's own resources cannot say that: a driver needs
+# almost no CPU, and its workers are placed by Train, outside the trial's own resources.
+TRIAL_SLOTS = "orchestrator_trial_slots"
 
 
 def start_local_ray(**init_options) -> dict[str, str]:
@@ -170,5 +174,5 @@ def start_local_ray(**init_options) -> dict[str, str]:
         # address="local": always a new instance. Without an address Ray joins a `ray start` head on this
         # machine (or follows the ray_current_cluster file a dead one left) and then refuses num_cpus.
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-                 logging_level="WARNING", **init_options)
+                 logging_level="WARNING", resources={TRIAL_SLOTS: 1.0}, **init_options)
         return dict(os.environ)  # with what ray.init itself sets before starting them (RAY_AUTH_MODE)

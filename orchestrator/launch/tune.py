@@ -21,7 +21,7 @@ from typing import Any
 
 from orchestrator.errors import JobSpecError, OrchestratorError
 from orchestrator.launch.preflight import preflight
-from orchestrator.launch.runtime import ray_runtime, storage_for
+from orchestrator.launch.runtime import TRIAL_SLOTS, ray_runtime, storage_for
 from orchestrator.launch.trial import run_trial
 from orchestrator.plan import build_plan
 from orchestrator.results import tracking
@@ -35,8 +35,8 @@ from orchestrator.storage.objectstore import exported_env
 # A trial's own driver needs almost nothing; {"CPU": 0} is refused by Tune.
 _TRIAL_DRIVER_CPU = 0.01
 # What a trial's driver and its Train controller hold in memory (measured: 0.77 GB with their queues and helpers).
-# Declared, so that Ray starts no more trial drivers than a node can hold: HyperBand and PBT create every trial
-# at once, and 27 drivers waiting for workers took 18 GB on a 24 GB machine until Ray's memory monitor killed them.
+# Declared, so that Ray starts no more trial drivers than a node can hold where there are no trial slots
+# (a cluster the project did not start): 27 drivers waiting for workers took 18 GB on a 24 GB machine.
 _TRIAL_DRIVER_MEMORY = 1 << 30
 
 
@@ -65,6 +65,23 @@ def max_concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
         )
     wanted = spec.tune.max_concurrent_trials or fits
     return max(1, min(wanted, fits, trial_count(spec.tune)))
+
+
+def trial_driver_resources(spec: JobSpec, concurrency: int, cluster: dict[str, float]) -> dict[str, float]:
+    """What each trial's driver asks Ray for: with the trial slots of a Ray this project started, a share that
+    lets `concurrency` drivers live at once. The pausing schedulers (sha, HyperBand, PBT) create every trial at
+    once; without the slots each trial's driver and Train controller started and waited for workers (measured:
+    15 idle trials held the load average of 2 cores at 22-32, and 14 of 27 trials trained 5 steps in 20 minutes)."""
+    slots = cluster.get(TRIAL_SLOTS, 0)
+    if slots <= 0:
+        if spec.tune.scheduler.type in PAUSING and spec.tune.max_concurrent_trials is not None:
+            # Elsewhere the searcher caps the trials alive; these schedulers need every trial alive to compare them.
+            raise OrchestratorError(f"tune.max_concurrent_trials: {spec.tune.scheduler.type} creates every trial at once and "
+                                    f"this Ray cluster has no {TRIAL_SLOTS} resource to cap how many run (cluster/ "
+                                    f"declares it on the head); leave it out, or use scheduler asha")
+        return {"CPU": _TRIAL_DRIVER_CPU, "memory": _TRIAL_DRIVER_MEMORY}
+    # No CPU: the drivers go where the slots are, a cluster's head too, which keeps its CPUs at 0 (cluster/).
+    return {"CPU": 0, "memory": _TRIAL_DRIVER_MEMORY, TRIAL_SLOTS: math.floor(slots / concurrency * 1e4) / 1e4}
 
 
 def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print) -> TuneResult:
@@ -104,7 +121,10 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
     keys = {f"p{i}": key for i, key in enumerate(spec.tune.space)}  # Tune-safe names for dotted keys
     context = {"keys": keys, "base": spec.model_dump(mode="json", exclude={"tune"}), "search": search,
                "storage_uri": storage_uri, "resolved": resolved, "tune": spec.tune}
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context), {"CPU": _TRIAL_DRIVER_CPU, "memory": _TRIAL_DRIVER_MEMORY})
+    cluster = ray.cluster_resources()
+    concurrency = max_concurrent_trials(spec, cluster)
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context),
+                                        trial_driver_resources(spec, concurrency, cluster))
     fs = storage.pyarrow_filesystem()
     tuner_path = f"{search_dir}/tuner"
     if resume:
@@ -117,15 +137,14 @@ def _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume
             raise OrchestratorError(f"tune.name: search {search!r} already exists in {storage.uri}; use --resume or another tune.name")
         options = spec.tune.scheduler
         scheduler = build_scheduler(spec, keys)
-        concurrency = max_concurrent_trials(spec, ray.cluster_resources())
         echo(f"search {search}: {trial_count(spec.tune)} trials ({spec.tune.search}), up to {concurrency} at once, "
              f"{options.type} on {spec.tune.metric}")
         if spec.tune.search == "optuna":
             param_space, search_alg = {}, optuna_searcher(spec.tune, keys, spec.adapter.method, concurrency)
         else:
             param_space = seeded_space(spec.tune, keys)
-            # HyperBand and PBT compare a bracket's (a population's) trials while they live, pausing them in turn:
-            # every trial is created at once, and the cluster's resources decide how many run.
+            # sha, HyperBand and PBT compare a bracket's (a population's) trials while they live, pausing them in
+            # turn: every trial is created at once, and the trial slots (or the cluster's resources) decide how many run.
             pausing = options.type in PAUSING
             search_alg = BasicVariantGenerator(max_concurrent=0 if pausing else concurrency, random_state=spec.tune.seed)
         tuner = ray_tune.Tuner(

@@ -30,9 +30,6 @@ def scheduler_problems(spec: JobSpec) -> list[str]:
     if kind in ("hyperband", "pbt") and not train.checkpoint_every:
         problems.append(f"train.checkpoint_every: {kind} pauses trials and continues them from their checkpoints; "
                         "set checkpoint_every (a multiple of eval_every)")
-    if kind in PAUSING and tune.max_concurrent_trials is not None:
-        problems.append(f"tune.max_concurrent_trials: {kind} keeps every trial of a bracket or population live and pauses "
-                        "them in turn; the cluster's resources decide how many run at once")
     if kind == "sha" and tune.search == "optuna":
         problems.append("tune.search: optuna draws each trial after seeing the last ones' results; sha compares every "
                         "trial at each rung, so all are drawn at once (use random or grid, or scheduler asha)")

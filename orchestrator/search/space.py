@@ -91,7 +91,8 @@ _WHAT_IT_DOES = {"fifo": "fifo runs every trial to the end", "asha": "asha stops
 class SchedulerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["asha", "sha", "hyperband", "pbt", "fifo"] = Field("asha", description=(
+    type: Literal["asha", "sha", "hyperband", "pbt", "fifo"] = Field("sha", description=(
+        "Default: sha for random and grid searches, asha for optuna or with max_concurrent_trials. "
         "asha stops poor trials early (asynchronous successive halving); sha (synchronous successive halving) "
         "pauses every trial at each rung and continues the best 1/reduction_factor from their checkpoints; "
         "hyperband runs synchronous brackets, "
@@ -129,6 +130,15 @@ class TuneSpec(BaseModel):
         "random: sample choice/uniform/… dimensions, expand grid ones; grid: every combination of choice and grid "
         "values; optuna: Optuna's TPE (define-by-run: the method first, then the dimensions that apply to it)."))
     seed: int = Field(0, description="Seed of the sampler, so a search is reproducible; also the order grid points run in.")
+
+    @model_validator(mode="after")
+    def _default_scheduler_for_the_search(self) -> "TuneSpec":
+        # sha compares every trial at each rung, so all are created up front. Optuna draws each trial from the
+        # results of those before it, and max_concurrent_trials must hold on clusters without the trial slots
+        # (launch/tune.py): both leave the default to asha, whose cuts are asynchronous.
+        if "type" not in self.scheduler.model_fields_set and (self.search == "optuna" or self.max_concurrent_trials):
+            self.scheduler = self.scheduler.model_copy(update={"type": "asha"})
+        return self
 
 
 def trial_count(tune_spec: TuneSpec) -> int:
