@@ -128,3 +128,15 @@ def test_pbt_perturbs_only_the_rates_and_keeps_them_inside_their_bounds():
         assert 1e-4 <= config["p0"] <= 1e-3 and config["p1"] in (1, 4, 16)
         seen.add(config["p1"])
     assert seen == {1, 4, 16}
+
+
+@pytest.mark.parametrize("tune, scheduler", [
+    ({}, "sha"),                                            # random: every trial drawn up front
+    ({"search": "grid"}, "sha"),
+    ({"search": "optuna"}, "asha"),                         # draws each trial after seeing the last ones
+    ({"max_concurrent_trials": 2}, "asha"),                 # a cap that must hold on any cluster
+    ({"search": "grid", "scheduler": {"type": "fifo"}}, "fifo"),  # an explicit choice wins
+    ({"max_concurrent_trials": 2, "scheduler": {"type": "sha"}}, "sha"),
+])
+def test_the_default_scheduler_fits_the_search(tune, scheduler):
+    assert search({"optim.lr": {"choice": [1e-3, 3e-3]}}, **tune).tune.scheduler.type == scheduler

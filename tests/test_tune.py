@@ -310,8 +310,9 @@ def test_sha_pauses_every_trial_at_each_rung_and_continues_exactly_the_best_from
         s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},
         train={"max_steps": 20, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 0, "log_every": 5, "max_failures": 0},
         tune={"name": "sha", "num_samples": 1, "seed": 0, "search": "grid",
-              "space": {"optim.lr": {"choice": [1e-5, 5e-3, 1e-3, 1e-4]}}, "scheduler": {"type": "sha", "reduction_factor": 2}},
+              "space": {"optim.lr": {"choice": [1e-5, 5e-3, 1e-3, 1e-4]}}, "scheduler": {"reduction_factor": 2}},
     )
+    assert spec.tune.scheduler.type == "sha"  # the default for a grid
     rows = orchestrator.tune(spec, echo=print).leaderboard
     assert len(rows) == 4 and all(row["status"] == "complete" for row in rows), rows
     # Rungs at 5 and 10: 4 trials → 2 → 1, which trains to the end. 40 trial-steps against the grid's 80.
