@@ -112,8 +112,8 @@ def ray_runtime(spec: JobSpec, local: bool, idle_driver_slots: int = 0, trim_tra
                 warm=None) -> Iterator[None]:
     """Use a running Ray; else join the `warm` runtime, start one in-process (local) or connect to RAY_ADDRESS.
 
-    `idle_driver_slots`: extra CPUs declared in local mode for processes that mostly wait (Tune's
-    trial drivers each take 0.01 CPU, which would otherwise leave the last worker CPU unusable).
+    `idle_driver_slots`: extra CPUs declared in local mode for processes that mostly wait (Tune counts 0.01 CPU
+    per trial driver when it sizes a search, which would otherwise leave the last worker CPU unusable).
     """
     import ray
 

@@ -32,7 +32,8 @@ from orchestrator.spec import JobSpec
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.objectstore import exported_env
 
-# A trial's own driver needs almost nothing; {"CPU": 0} is refused by Tune.
+# A trial's own driver needs almost nothing, but Tune refuses a trial that asks for nothing at all: without
+# the trial slots (below) it asks for this.
 _TRIAL_DRIVER_CPU = 0.01
 # What a trial's driver and its Train controller hold in memory (measured: 0.77 GB with their queues and helpers).
 # Declared, so that Ray starts no more trial drivers than a node can hold where there are no trial slots
