@@ -7,7 +7,7 @@ import json
 import pytest
 
 from orchestrator.errors import StorageError
-from orchestrator.storage.fs import open_storage
+from orchestrator.storage.fs import describe_storage_error, open_storage
 from orchestrator.storage.layout import RunLayout, checkpoint_step
 from orchestrator.storage.manifest import build_manifest, hash_local_dir, is_complete, verify_local_copy, write_manifest
 from tests.helpers import TEST_BUCKET
@@ -35,6 +35,17 @@ def test_unreachable_endpoint_is_reported(object_store, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(StorageError, match="cannot reach|Could not connect"):
         open_storage(f"s3://{TEST_BUCKET}/x").check_writable()
+
+
+@pytest.mark.parametrize("error_type", [FileNotFoundError, OSError, ConnectionError])
+def test_a_refused_connection_reads_as_unreachable_whatever_s3fs_wraps_it_in(error_type):
+    # s3fs has raised a refused connection as FileNotFoundError: the cause is still reachability.
+    error = error_type('Could not connect to the endpoint URL: "http://127.0.0.1:9/bucket"')
+    assert describe_storage_error(error).startswith("cannot reach the object store")
+
+
+def test_a_missing_bucket_reads_as_missing():
+    assert describe_storage_error(FileNotFoundError("bucket")).startswith("bucket or path does not exist")
 
 
 @pytest.mark.parametrize("kind", [pytest.param("s3", marks=pytest.mark.slow), "file"])

@@ -151,9 +151,13 @@ def describe_storage_error(error: Exception) -> str:
     text = first_line(error)
     if isinstance(error, PermissionError):
         return f"access denied — check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({text})"
+    # s3fs sometimes wraps a refused connection in FileNotFoundError, so reachability is judged first.
+    unreachable = "Could not connect" in text or "Connect" in type(error).__name__
+    if unreachable:
+        return f"cannot reach the object store ({text})"
     if isinstance(error, FileNotFoundError) or "404" in text or "Not Found" in text:
         return f"bucket or path does not exist ({text})"
-    if "Could not connect" in text or "Connect" in type(error).__name__ or isinstance(error, OSError):
+    if isinstance(error, OSError):
         return f"cannot reach the object store ({text})"
     return text
 
