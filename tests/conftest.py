@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.launch.runtime import start_local_ray
+from orchestrator.launch.runtime import LOCAL_RAY_ENV, start_local_ray
 from orchestrator.storage.objectstore import EmbeddedObjectStore, exported_env
 from tests.helpers import TEST_BUCKET
 
@@ -53,9 +53,12 @@ def ray_session(object_store, faults_file, torch_extensions_dir):
 
     os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir)
     os.environ["ORCHESTRATOR_FAULTS"] = str(faults_file)
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+    # A local runtime, as `run --local` starts one: Train's helpers that only a cluster needs stay off (about a
+    # quarter of a short run's time on 2 cores). Subprocesses that start a cluster drop these variables.
+    with exported_env({k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ}):
+        start_local_ray(num_cpus=2)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

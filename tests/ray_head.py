@@ -20,12 +20,14 @@ from pathlib import Path
 
 import requests
 
+from orchestrator.launch.runtime import LOCAL_RAY_ENV
+
 _PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
                "--dashboard-agent-grpc-port", "--metrics-export-port", "--node-manager-port",
                "--object-manager-port", "--runtime-env-agent-port")
 # Kept out of the head, so that a job can only reach the store with what its submitter sends.
 _CALLER_ONLY = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+                "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", *LOCAL_RAY_ENV)  # a cluster keeps Ray's defaults
 
 
 def free_ports(count: int) -> list[int]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from orchestrator.launch.runtime import LOCAL_RAY_ENV
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout
 from orchestrator.train.faults import schedule_fault
@@ -47,7 +48,8 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_rest(ray_session, fault
     # the notice causes) while the node is taken away.
     schedule_fault(faults_file, "elastic", step=4, pause_s=5)
     schedule_fault(faults_file, "elastic*", step=5, pause_s=90)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A cluster keeps Ray Train's defaults (the preemption watcher above all), not the local session's trims.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in LOCAL_RAY_ENV}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_script.py"), json.dumps(elastic.model_dump(mode="json")),
                            str(tmp_path / "nodes"), f"{faults_file}.paused"],
                           capture_output=True, text=True, timeout=900, env=env, cwd=REPO)

@@ -104,7 +104,7 @@ def tune(spec: JobSpec, *, local: bool = True, resume: bool = False, echo=print)
         storage = open_storage(storage_uri, spec.storage.endpoint_url)
         storage.check_writable()
         search_dir = storage.path("tune", search)
-        with ray_runtime(spec, local, idle_driver_slots=1):
+        with ray_runtime(spec, local, idle_driver_slots=1, trim_train_helpers=True):
             results = _fit_search(spec, search, storage, search_dir, storage_uri, resolved, resume, echo, tracker)
             leaderboard, best = publish(spec, search, storage, search_dir, results, echo)
     return TuneResult(f"{storage.uri}/tune/{search}", leaderboard, best)
