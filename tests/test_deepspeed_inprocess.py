@@ -215,3 +215,33 @@ def test_lora_plus_rates_survive_initialize(single_rank_group, tiny_llama_path, 
     assert [name for name, _ in built] == ["A", "B"]
     check_rates(engine.optimizer, built)
     assert engine.optimizer.param_groups[1]["lr"] == pytest.approx(16 * engine.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_under_zero3_changes_memory_not_math(single_rank_group, tiny_llama_path):
+    """Recomputing layers in backward must see ZeRO-3's gathered parameters again: the same steps give the same
+    losses with it as without it, and the layers really run twice (forward, then again in backward)."""
+    losses, layer_calls = {}, {}
+    for recompute in (False, True):
+        raw = job_spec(3, CELLS["lora"][0], {"lr": 1e-2, "scheduler": "constant"},
+                       {"zero_optimization": {"stage3_param_persistence_threshold": 0}}).model_dump(mode="json")
+        raw["train"]["gradient_checkpointing"] = recompute
+        spec = validate_spec(raw)
+        torch.manual_seed(0)
+        model, _ = build_adapted_model(spec, tiny_llama_path, ds_config=deepspeed_config(spec))
+        calls = [0]
+        # The layer's first module, on entry: transformers checkpoints a layer's forward (the layer's own hooks run
+        # once), and torch's recompute stops as soon as it has what backward needs (a later hook may never run).
+        model.get_base_model().model.layers[0].input_layernorm.register_forward_pre_hook(
+            lambda *_: calls.__setitem__(0, calls[0] + 1))
+        engine = build_engine(model, make_optimizer(model, spec), spec)
+        engine.train()  # transformers recomputes only in training mode, as the training loop runs
+        losses[recompute] = []
+        for batch in _batches(model.config.vocab_size, STEPS)[:-1]:
+            loss = engine(**batch, use_cache=False).loss
+            losses[recompute].append(loss.item())
+            engine.backward(loss)
+            engine.step()
+        layer_calls[recompute] = calls[0]
+    assert layer_calls == {False: STEPS, True: 2 * STEPS}, layer_calls
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=0)

@@ -63,11 +63,12 @@ def test_a_run_resumes_on_fewer_workers_with_the_same_steps(ray_session, faults_
 
 
 def test_a_zero3_bf16_run_grows_from_one_worker_to_two(ray_session, faults_file):
-    """The other way, under ZeRO-3 in bf16: the masters and moments were whole on one rank and are split over two."""
+    """The other way, under ZeRO-3 in bf16: the masters and moments were whole on one rank and are split over two.
+    With gradient checkpointing, as large models train (its math is checked in tests/test_deepspeed_inprocess.py)."""
     def zero3(workers: int, **train):
         raw = spec(workers, **train).model_dump(mode="json")
         raw["deepspeed"] = {"zero_stage": 3, "config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
-        raw["train"]["precision"] = "bf16"
+        raw["train"].update(precision="bf16", gradient_checkpointing=True)
         return validate_spec(raw)
 
     orchestrator.run(zero3(1, grad_accum=2), local=False, run_id="whole-z3", echo=print)
