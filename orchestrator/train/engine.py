@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from orchestrator.plan import deepspeed_config
 from orchestrator.spec import JobSpec
@@ -17,14 +19,31 @@ _INFERENCE_ONLY_CPU_OPS = ("deepspeed_shm_comm",)
 def prepare_deepspeed(use_gpu: bool) -> None:
     """Call before DeepSpeed's first use in the process. On CPU: its CPU accelerator (which skips the
     GPU probe and its warning), without building ops that training never calls."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with _mlflow_hidden():
+        import deepspeed.ops
     if use_gpu:
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed.ops
-
     # DeepSpeed consults this dict before building an op, and keeps edits to it for the process.
     for op_name in _INFERENCE_ONLY_CPU_OPS:
         deepspeed.ops.__compatible_ops__[op_name] = False
+
+
+@contextmanager
+def _mlflow_hidden() -> Iterator[None]:
+    """DeepSpeed's autotuner imports MLflow wherever it is installed (1.4 s of each worker's start on 2 cores) to
+    log autotuning, which training never runs; a run's MLflow logging is the driver's. Hidden only while DeepSpeed
+    imports, so that anything later imports MLflow as usual."""
+    if "mlflow" in sys.modules:
+        yield
+        return
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed expects
+    try:
+        yield
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
 
 
 def build_engine(model, optimizer, spec: JobSpec, lr_scheduler=None, ds_config: dict[str, Any] | None = None):
