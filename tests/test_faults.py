@@ -1,5 +1,5 @@
 """Faults on a real Ray runtime with real DeepSpeed and real SeaweedFS: a worker killed, the driver
-killed, the object store down during a checkpoint upload, a checkpoint whose bytes changed.
+killed, the object store down during a checkpoint upload, a checkpoint whose bytes changed, one torn.
 
 Each run trains 12 steps with a checkpoint every 4. A fault pauses rank 0 after a step (see
 orchestrator.train.faults) so that the test strikes while the run stands still; the run must then
@@ -27,7 +27,7 @@ import orchestrator
 from orchestrator.spec import validate_spec
 from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout
-from orchestrator.storage.manifest import is_complete
+from orchestrator.storage.manifest import is_complete, read_manifest
 from orchestrator.storage.objectstore import EmbeddedObjectStore
 from orchestrator.train.faults import schedule_fault
 from tests.helpers import TEST_BUCKET, make_spec
@@ -116,15 +116,18 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     repeated = sorted(step for step in set(trained) if trained.count(step) > 1)
     assert repeated == [5, 6], trained
 
-    # A checkpoint whose bytes changed after its manifest was written is never resumed from.
+    # A checkpoint whose bytes changed after its manifest was written is never resumed from (12), nor is one torn
+    # by an upload that died half-way, its manifest missing (8).
     storage = open_storage(s3_storage_uri)
     layout = RunLayout(storage, JOB, "worker-kill")
     newest = layout.checkpoint(12)
     victim = next(p for p in storage.list_files(newest) if p.endswith(".safetensors"))
     storage.write_bytes(f"{newest}/{victim}", storage.read_bytes(f"{newest}/{victim}")[:-8] + b"\0" * 8)
+    storage.fs.rm_file(f"{layout.checkpoint(8)}/manifest.json")
+    assert read_manifest(storage, layout.checkpoint(8)) is None
     resumed = orchestrator.run(validate_spec(spec_raw(s3_storage_uri, max_steps=14)), local=False,
                                run_id="worker-kill", echo=print)
-    assert resumed.summary["resumed_from_step"] == 8
+    assert resumed.summary["resumed_from_step"] == 4
 
 
 def test_killed_driver_is_resumed_by_running_the_same_run_again(reference, faults_file, s3_storage_uri, tmp_path):
