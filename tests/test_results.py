@@ -18,7 +18,7 @@ from PIL import Image
 import orchestrator
 from orchestrator.cli import main
 from orchestrator.errors import OrchestratorError, StorageError
-from orchestrator.results import report
+from orchestrator.results import report, tracking
 from orchestrator.results.curves import COMPARISON_FIGURE_INCHES, DPI, RUN_FIGURE_INCHES
 from orchestrator.results.uri import split_result_uri
 from orchestrator.storage.fs import open_storage
@@ -267,9 +267,19 @@ def test_open_needs_a_desktop(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_runs_feed_runs_show_and_compare(ray_session, s3_storage_uri, tmp_path, capsys):
     first = orchestrator.run(make_spec(s3_storage_uri), run_id="first", echo=print)
-    second = orchestrator.run(make_spec(s3_storage_uri, adapter={"r": 4}, optim={"lora_plus_ratio": 8}), run_id="second", echo=print)
+    # The second run is also tracked in MLflow: logged when it ends, with the values it stored.
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    second = orchestrator.run(make_spec(s3_storage_uri, adapter={"r": 4}, optim={"lora_plus_ratio": 8},
+                                        tracking={"mlflow": {"tracking_uri": mlflow_uri}}), run_id="second", echo=print)
     records = orchestrator.runs(s3_storage_uri, job="it")
     assert [r.uri for r in records] == [second.run_uri, first.run_uri]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    [logged] = client.search_runs([client.get_experiment_by_name("it").experiment_id])
+    assert logged.info.status == "FINISHED" and logged.data.tags[tracking.RUN_URI_TAG] == second.run_uri
+    assert sorted((m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "loss")) == [
+        (m["step"], pytest.approx(m["loss"])) for m in records[0].metrics]
     rows = [report.overview_row(r) for r in records]
     assert [(row["r"], row["lora+"], row["steps"], row["status"]) for row in rows] == [("4", "8", "12/12", "complete"),
                                                                                           ("8", "–", "12/12", "complete")]
