@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import orchestrator
 from orchestrator.builtin.datasets import resolve_data_path
 from orchestrator.train.faults import schedule_fault
-from tests.helpers import assert_run_manifest_matches_files, download_run, make_spec as job
+from tests.helpers import assert_no_op_was_built, assert_run_manifest_matches_files, download_run, make_spec as job
 from tests.reference_trainer import replay
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,8 @@ def _uneven_eval_file(tmp_path):
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_method_end_to_end_with_a_restart(cell, ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path):
+def test_method_end_to_end_with_a_restart(cell, ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path,
+                                          torch_extensions_dir):
     adapter, optim, stage, fail_after = CELLS[cell]
     # Parameters really partitioned under ZeRO-3 (as with any real model): every forward is a collective,
     # so evaluation over an uneven split would hang unless every rank runs the same forwards.
@@ -68,6 +69,7 @@ def test_method_end_to_end_with_a_restart(cell, ray_session, s3_storage_uri, tin
     schedule_fault(faults_file, run_id, step=fail_after)
     result = orchestrator.run(spec, run_id=run_id, echo=print)
 
+    assert_no_op_was_built(torch_extensions_dir)
     summary = result.summary
     assert summary["status"] == "complete" and summary["base_unchanged"]
     resumed_at = 6 if fail_after == 6 else 3
