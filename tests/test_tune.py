@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -251,7 +253,7 @@ def test_an_optuna_search_draws_per_method_dimensions_and_resumes_after_a_failed
 
 
 @pytest.mark.slow
-def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_rates(ray_session, s3_storage_uri):
+def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_rates(ray_session, s3_storage_uri, faults_file):
     spec = make_spec(
         # Half a CPU per worker: both trials of the population train at once on the tests' 2-CPU runtime.
         s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
@@ -260,11 +262,19 @@ def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_r
         tune={"name": "pbt", "num_samples": 1, "seed": 0, "space": {"optim.lr": {"grid": [1e-5, 5e-3]}},
               "scheduler": {"type": "pbt", "perturbation_interval": 5, "quantile_fraction": 0.5, "resample_probability": 0}},
     )
-    result = orchestrator.tune(spec, echo=print)
-    rows = result.leaderboard
-    assert [row["status"] for row in rows] == ["complete"] * 2 and all(row["steps"] == 20 for row in rows), rows
     storage = open_storage(s3_storage_uri)
     search_dir = storage.path("tune", "pbt")
+    # PBT keeps a trial's checkpoint to copy only once two trials have results. The good trial (lr 5e-3, the grid's
+    # second) waits after step 5 until the poor one has reported step 5, however far apart the two started.
+    schedule_fault(faults_file, "*_00001", step=5, pause_s=240)
+    threading.Thread(target=_release_when, args=(faults_file, lambda: _reported_steps(storage, f"{search_dir}/trials", "_00000") >= 5),
+                     daemon=True).start()
+    try:
+        result = orchestrator.tune(spec, echo=print)
+    finally:  # a pattern this wide must not outlive the test
+        faults_file.write_text(json.dumps({k: v for k, v in json.loads(faults_file.read_text() or "{}").items() if k != "*_00001"}))
+    rows = result.leaderboard
+    assert [row["status"] for row in rows] == ["complete"] * 2 and all(row["steps"] == 20 for row in rows), rows
     exploited = [row for row in rows if row["mutations"]]
     assert len(exploited) == 1, rows  # the poor trial (lr 1e-5) copies the good one at least once
     trial = exploited[0]
@@ -290,6 +300,49 @@ def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_r
     table = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{search_dir}/leaderboard.csv").decode())))
     assert {r["trial"]: json.loads(r["mutations"]) for r in table}[trial["trial"]] == trial["mutations"]
     assert "## PBT mutations" in storage.read_bytes(f"{search_dir}/leaderboard.md").decode()
+
+
+def _reported_steps(storage, trials_dir: str, suffix: str) -> int:
+    """The last step the trial whose id ends with `suffix` reported to its scheduler (0 before its first report)."""
+    try:
+        logs = [name for name in storage.list_files(trials_dir) if name.endswith("/reported.jsonl") and name.split("/")[0].endswith(suffix)]
+        return max((entry["step"] for name in logs for entry in _stored_jsonl(storage, f"{trials_dir}/{name}")), default=0)
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def _release_when(faults_file: Path, condition, timeout_s: float = 240) -> None:
+    """Ends a scheduled pause (orchestrator.train.faults) once `condition()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.5)
+    Path(f"{faults_file}.release").touch()
+
+
+def test_a_result_belongs_to_the_trial_whose_directory_it_is_in():
+    # PBT hands a trial it exploited the metrics of the trial it copied, trial_id included, until it reports again.
+    from types import SimpleNamespace
+
+    from orchestrator.results.leaderboard import trial_id_of
+
+    copied = SimpleNamespace(path="b/p/tune/pbt/tuner/run_trial_de908_00000_0_p0=0.0000_2026-12-07_08-26-15",
+                             metrics={"trial_id": "de908_00001"})
+    assert trial_id_of(copied) == "de908_00000"
+
+
+def test_pbt_neither_exploits_nor_offers_a_runs_last_step():
+    # A trial that copied a finished trial's last checkpoint would train nothing and show the other's result as its own.
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.search.schedulers import build_scheduler
+
+    spec = validate_spec(with_space({"optim.lr": {"grid": [1e-5, 5e-3]}}, scheduler={"type": "pbt", "perturbation_interval": 10}))
+    scheduler = build_scheduler(spec, {"p0": "optim.lr"})
+    scheduler.set_search_properties("eval_loss", "min", config={})  # as the Tuner does
+    unknown_trial = object()  # Ray's PBT would look its state up, and fail, for any result before the last step
+    assert scheduler.on_trial_result(None, unknown_trial, {"step": 20, "eval_loss": 1.0}) == TrialScheduler.CONTINUE
+    with pytest.raises(KeyError):
+        scheduler.on_trial_result(None, unknown_trial, {"step": 15, "eval_loss": 1.0})
 
 
 def test_hyperband_is_rays_synchronous_hyperband_over_the_step():

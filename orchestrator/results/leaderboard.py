@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,7 +26,7 @@ def trial_rows(spec: JobSpec, results, keys: dict[str, str], reported: Optional[
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial = metrics.get("trial_id") or Path(result.path).name.split("_")[-2]
+        trial = trial_id_of(result)
         entries = (reported(trial) if reported else []) or _tune_entries(result.metrics_dataframe, metric)
         history = [(int(e["step"]), float(e[metric])) for e in entries
                    if isinstance(e.get(metric), (int, float)) and not math.isnan(e[metric])]
@@ -46,6 +47,17 @@ def trial_rows(spec: JobSpec, results, keys: dict[str, str], reported: Optional[
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return rows
+
+
+# Tune names a trial's directory <trainable>_<trial id>_<index>_<params>_<date>; a trial id is <5 hex>_<5 digits>.
+_TRIAL_ID_IN_DIRNAME = re.compile(r"_([0-9a-f]{5}_\d{5})_")
+
+
+def trial_id_of(result) -> str:
+    """The trial a Tune result belongs to, from its directory. Not from its metrics: a trial PBT exploited carries
+    the metrics of the trial it copied until it reports again, and one that copied a finished trial never does."""
+    found = _TRIAL_ID_IN_DIRNAME.search(Path(result.path).name + "_")
+    return found.group(1) if found else (result.metrics or {})["trial_id"]
 
 
 def _tune_entries(frame, metric: str) -> list[dict]:

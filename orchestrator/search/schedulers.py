@@ -53,7 +53,7 @@ def scheduler_problems(spec: JobSpec) -> list[str]:
 
 def build_scheduler(spec: JobSpec, keys: dict[str, str]):
     """The Ray Tune scheduler for the spec's `tune.scheduler`; `keys` maps Tune's parameter names to dotted keys."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
     options, max_steps = spec.tune.scheduler, spec.train.max_steps
     if options.type == "asha":
@@ -70,8 +70,10 @@ def build_scheduler(spec: JobSpec, keys: dict[str, str]):
         # Ray's PBT draws from the module-level generator: seeding it makes a search's perturbations reproducible.
         random.seed(spec.tune.seed)
         mutations = {name: _mutation_domain(spec.tune.space[key]) for name, key in keys.items()}
-        return PopulationBasedTraining(
-            time_attr="step", perturbation_interval=options.perturbation_interval or spec.train.checkpoint_every,
+        from orchestrator.search.pbt import PopulationBasedTrainingWithinRuns
+
+        return PopulationBasedTrainingWithinRuns(
+            max_t=max_steps, time_attr="step", perturbation_interval=options.perturbation_interval or spec.train.checkpoint_every,
             hyperparam_mutations=mutations, quantile_fraction=options.quantile_fraction or 0.25,
             resample_probability=0.25 if options.resample_probability is None else options.resample_probability,
             custom_explore_fn=_InsideBounds({name: spec.tune.space[key] for name, key in keys.items()}),

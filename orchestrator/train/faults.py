@@ -5,7 +5,8 @@ The loop asks `hook_for` once, at start: without the variable (production) there
 does nothing per step. With it, rank 0 reads the file after every step (a test may schedule a fault
 while the run goes on). Each entry fires once (it is removed first), so a restarted worker group trains
 on: that is the point of the test. A pause writes `<file>.paused` (run id and step) so that a test can
-strike while the run stands still: kill a worker or the driver, or stop the object store.
+strike while the run stands still: kill a worker or the driver, or stop the object store; it lasts pause_s, or
+until the test creates `<file>.release`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def _fire_scheduled(path: Path, run_id: str, step: int) -> None:
     path.write_text(json.dumps(faults))
     if isinstance(fault, dict):
         Path(f"{path}.paused").write_text(json.dumps({"run_id": run_id, "step": step}))
-        time.sleep(fault["pause_s"])
+        released = Path(f"{path}.release")
+        deadline = time.monotonic() + fault["pause_s"]
+        while time.monotonic() < deadline and not released.exists():  # a test may end the pause early
+            time.sleep(0.2)
+        released.unlink(missing_ok=True)
         return
     raise InjectedFault(f"injected fault after step {step} of run {run_id}")
 
@@ -61,3 +66,4 @@ def schedule_fault(path: str | Path, run_id: str, step: int, pause_s: float | No
     faults[run_id] = step if pause_s is None else {"step": step, "pause_s": pause_s}
     path.write_text(json.dumps(faults))
     Path(f"{path}.paused").unlink(missing_ok=True)
+    Path(f"{path}.release").unlink(missing_ok=True)
