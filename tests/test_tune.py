@@ -264,15 +264,20 @@ def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_r
     )
     storage = open_storage(s3_storage_uri)
     search_dir = storage.path("tune", "pbt")
-    # PBT keeps a trial's checkpoint to copy only once two trials have results. The good trial (lr 5e-3, the grid's
-    # second) waits after step 5 until the poor one has reported step 5, however far apart the two started.
-    schedule_fault(faults_file, "*_00001", step=5, pause_s=240)
-    threading.Thread(target=_release_when, args=(faults_file, lambda: _reported_steps(storage, f"{search_dir}/trials", "_00000") >= 5),
-                     daemon=True).start()
+    # Ray's PBT copies only from a checkpoint it kept when that trial reported while both trials had results, and
+    # acts only on the trial reporting. So each trial waits after step 5 until both have reported step 5, however far
+    # apart they started: from step 10 on, the poor one (lr 1e-5) meets the good one's kept checkpoint.
+    trials = (f"*_0000{index}" for index in (0, 1))
+    for pattern in trials:
+        schedule_fault(faults_file, pattern, step=5, pause_s=240)
+    both_at_5 = lambda: min(_reported_steps(storage, f"{search_dir}/trials", f"_0000{i}") for i in (0, 1)) >= 5  # noqa: E731
+    threading.Thread(target=_release_when, args=(faults_file, both_at_5), daemon=True).start()
     try:
         result = orchestrator.tune(spec, echo=print)
-    finally:  # a pattern this wide must not outlive the test
-        faults_file.write_text(json.dumps({k: v for k, v in json.loads(faults_file.read_text() or "{}").items() if k != "*_00001"}))
+    finally:  # patterns this wide must not outlive the test
+        faults_file.write_text(json.dumps({k: v for k, v in json.loads(faults_file.read_text() or "{}").items()
+                                           if k not in ("*_00000", "*_00001")}))
+        Path(f"{faults_file}.release").touch()  # ends the release thread; the next schedule_fault clears it
     rows = result.leaderboard
     assert [row["status"] for row in rows] == ["complete"] * 2 and all(row["steps"] == 20 for row in rows), rows
     exploited = [row for row in rows if row["mutations"]]
@@ -312,11 +317,11 @@ def _reported_steps(storage, trials_dir: str, suffix: str) -> int:
 
 
 def _release_when(faults_file: Path, condition, timeout_s: float = 240) -> None:
-    """Ends a scheduled pause (orchestrator.train.faults) once `condition()` holds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not condition():
+    """Ends the scheduled pauses (orchestrator.train.faults) once `condition()` holds; gives up once they are over."""
+    released, deadline = Path(f"{faults_file}.release"), time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not released.exists() and not condition():
         time.sleep(0.5)
-    Path(f"{faults_file}.release").touch()
+    released.touch()
 
 
 def test_a_result_belongs_to_the_trial_whose_directory_it_is_in():

@@ -48,9 +48,8 @@ def _fire_scheduled(path: Path, run_id: str, step: int) -> None:
         Path(f"{path}.paused").write_text(json.dumps({"run_id": run_id, "step": step}))
         released = Path(f"{path}.release")
         deadline = time.monotonic() + fault["pause_s"]
-        while time.monotonic() < deadline and not released.exists():  # a test may end the pause early
+        while time.monotonic() < deadline and not released.exists():  # a test may end its pauses early
             time.sleep(0.2)
-        released.unlink(missing_ok=True)
         return
     raise InjectedFault(f"injected fault after step {step} of run {run_id}")
 
