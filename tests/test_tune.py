@@ -267,16 +267,16 @@ def test_pbt_continues_a_poor_trial_from_a_good_ones_checkpoint_with_perturbed_r
     # Ray's PBT copies only from a checkpoint it kept when that trial reported while both trials had results, and
     # acts only on the trial reporting. So each trial waits after step 5 until both have reported step 5, however far
     # apart they started: from step 10 on, the poor one (lr 1e-5) meets the good one's kept checkpoint.
-    trials = (f"*_0000{index}" for index in (0, 1))
-    for pattern in trials:
-        schedule_fault(faults_file, pattern, step=5, pause_s=240)
-    both_at_5 = lambda: min(_reported_steps(storage, f"{search_dir}/trials", f"_0000{i}") for i in (0, 1)) >= 5  # noqa: E731
+    suffixes = ("_00000", "_00001")
+    for suffix in suffixes:
+        schedule_fault(faults_file, f"*{suffix}", step=5, pause_s=240)
+    both_at_5 = lambda: min(_reported_steps(storage, f"{search_dir}/trials", suffix) for suffix in suffixes) >= 5  # noqa: E731
     threading.Thread(target=_release_when, args=(faults_file, both_at_5), daemon=True).start()
     try:
         result = orchestrator.tune(spec, echo=print)
     finally:  # patterns this wide must not outlive the test
         faults_file.write_text(json.dumps({k: v for k, v in json.loads(faults_file.read_text() or "{}").items()
-                                           if k not in ("*_00000", "*_00001")}))
+                                           if k not in {f"*{suffix}" for suffix in suffixes}}))
         Path(f"{faults_file}.release").touch()  # ends the release thread; the next schedule_fault clears it
     rows = result.leaderboard
     assert [row["status"] for row in rows] == ["complete"] * 2 and all(row["steps"] == 20 for row in rows), rows
