@@ -164,7 +164,7 @@ def test_method_matches_its_independent_reference(single_rank_group, tiny_llama_
 
 def _initial_adapter(model, spec, stage: int) -> dict[str, torch.Tensor]:
     """The adapter as attached, in fp32 (a bf16 run's reference starts from the same values)."""
-    return {name: tensor.float() for name, tensor in peft_export(model, spec.adapter)[0].items()}
+    return {name: tensor.float().clone() for name, tensor in peft_export(model, spec.adapter)[0].items()}
 
 
 def _assert_bf16_base_and_fp32_master(module) -> None:

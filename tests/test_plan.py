@@ -180,3 +180,12 @@ def test_plan_shows_the_learning_rate_of_every_optimizer_group(tiny_llama_path):
     spec = make_spec(base=MINIMAL_SPEC, adapter={"target_modules": ["q_proj", "embed_tokens"]}, optim={"lr": 1e-4, "lora_plus_ratio": 16})
     assert build_plan(spec, config).learning_rates == {"A": 1e-4, "embedding": 1e-6, "B": pytest.approx(1.6e-3)}
     assert build_plan(make_spec(base=MINIMAL_SPEC, optim={"lr": 1e-4}), config).learning_rates == {"adapter": 1e-4}
+
+
+@pytest.mark.parametrize("stage, workers, expected", [(1, 4, 1_000_001), (2, 4, 250_001), (3, 4, 250_001), (3, 1, 1_000_001)])
+def test_gradient_bucket_holds_a_workers_share_of_the_adapter_where_zero_partitions_gradients(stage, workers, expected):
+    # ZeRO-1 reduces whole gradients; ZeRO-2 and 3 keep each worker's share, so a bucket of the whole
+    # adapter would be a full copy of its gradients on every worker.
+    spec = make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": stage}, scaling={"num_workers": workers})
+    assert deepspeed_config(spec, trainable_parameters=1_000_001)["zero_optimization"]["reduce_bucket_size"] == expected
+    assert deepspeed_config(spec, trainable_parameters=4 * 10**9)["zero_optimization"]["reduce_bucket_size"] <= 500_000_000

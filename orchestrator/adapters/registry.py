@@ -89,8 +89,9 @@ def all_methods() -> list[AdapterMethod]:
 
 
 def peft_export(model: "nn.Module", spec: BaseModel) -> tuple[dict[str, "torch.Tensor"], Any]:
-    """The default export: the PEFT model's own adapter state dict and config."""
+    """The default export: the PEFT model's own adapter state dict and config. The tensors are the module's own
+    (on CPU): valid while the adapter stays gathered, which is while the checkpoint writes them."""
     from peft import get_peft_model_state_dict
 
-    state = {name: tensor.detach().cpu().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+    state = {name: tensor.detach().cpu() for name, tensor in get_peft_model_state_dict(model).items()}
     return state, model.peft_config["default"]

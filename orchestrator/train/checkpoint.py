@@ -36,10 +36,10 @@ def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def save_adapter(model, directory: Path, zero3: bool, is_writer: bool, export) -> None:
     """Write the adapter as stock PEFT loads it. `export(model)` → (state dict, PeftConfig).
 
-    Collective under ZeRO-3: every rank must call it, since the adapter is gathered first.
+    Collective under ZeRO-3: every rank must call it, since the adapter is gathered first. The writer writes
+    while the adapter is gathered, from the gathered values themselves: no second whole copy of the adapter
+    on top of the worker's peak.
     """
-    from safetensors.torch import save_file
-
     if zero3:
         import deepspeed
 
@@ -51,7 +51,12 @@ def save_adapter(model, directory: Path, zero3: bool, is_writer: bool, export) -
         if not is_writer:
             return
         with _values_swapped(masters):
-            state, config = export(model)
+            _write_adapter(*export(model), directory)
+
+
+def _write_adapter(state: dict[str, torch.Tensor], config, directory: Path) -> None:
+    from safetensors.torch import save_file
+
     # As PEFT keeps an adapter on a bf16 base (autocast_adapter_dtype): fp32, whatever the training precision.
     # (A wider dtype, as in fp64 tests, is kept.)
     state = {name: tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor for name, tensor in state.items()}
