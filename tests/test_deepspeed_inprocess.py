@@ -277,3 +277,47 @@ def test_a_cpu_loop_in_a_thread_reuses_freed_activations_without_page_faults():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) < 100, f"{done.stdout.strip()} page faults a step"
+
+
+# A fresh process (this one has imported anything other tests needed): each ZeRO stage's engine is built and steps
+# once, and nothing compiles or imports the compiler of torch's inductor (2.5 s of every worker's start when DeepSpeed's Muon
+# module compiled its kernels as ZeRO imported it; train/engine.py).
+_NOTHING_COMPILED = """
+import os, socket, sys
+import torch, torch.distributed as dist
+from orchestrator.train.engine import build_engine, prepare_deepspeed
+prepare_deepspeed(use_gpu=False)
+import deepspeed
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(probe.getsockname()[1]), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo")
+deepspeed.init_distributed()
+from orchestrator.builtin.models import resolve_model_path
+from orchestrator.spec import validate_spec
+from orchestrator.train.model import build_adapted_model
+from orchestrator.train.optim import make_optimizer
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+for stage in (0, 1, 2, 3):
+    spec = validate_spec({"name": "t", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "builtin:arithmetic"},
+                          "adapter": {"method": "lora", "r": 4, "target_modules": "all-linear"},
+                          "deepspeed": {"zero_stage": stage}, "scaling": {"num_workers": 1}})
+    model, _ = build_adapted_model(spec, resolve_model_path(spec.model.path), torch.float32)
+    engine = build_engine(model, make_optimizer(model, spec), spec)
+    engine.backward(engine(input_ids=torch.arange(3, 19)[None], labels=torch.arange(3, 19)[None]).loss)
+    engine.step()
+    assert not isinstance(engine.optimizer, MuonWithAuxAdam)
+print(sorted(m for m in ("torch._inductor.compile_fx", "torch._inductor.lowering") if m in sys.modules))  # inductor's compiler
+"""
+
+
+@pytest.mark.slow
+def test_no_zero_stage_imports_torchs_compiler_to_train():
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    done = subprocess.run([sys.executable, "-c", _NOTHING_COMPILED], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]

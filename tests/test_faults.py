@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,9 +103,13 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert wait_for_pause(faults_file)["step"] == 6
     workers = train_workers()
     assert len(workers) == 2
+    # Its local copy of the step-4 checkpoint: a killed worker cannot remove it, its replacement does.
+    left_behind = list(Path(tempfile.gettempdir()).glob(f"orchestrator-pid{workers[0].pid}-step4-*"))
+    assert len(left_behind) == 1, left_behind
     os.kill(workers[0].pid, signal.SIGKILL)  # what an OOM kill or a lost node does
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
+    assert not left_behind[0].exists()
     restarts = [line for line in output.splitlines() if "restarting from" in line]
     assert len(restarts) == 1 and re.fullmatch(r"worker rank [01] on \S+ failed: worker process died: .+; restarting from "
                                                r"checkpoint step 4", restarts[0]), restarts

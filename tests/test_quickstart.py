@@ -28,8 +28,9 @@ def quickstart_script() -> str:
     return "\n".join(blocks)
 
 
-def stop_group(pgid: int, grace_s: float = 60) -> None:
-    """SIGTERM the process group, give it time to stop gracefully (ray start --block takes ~20 s), then SIGKILL."""
+def stop_group(pgid: int, grace_s: float = 8) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after `grace_s`. A graceful stop of `ray start --block`
+    took 20-36 s, which the test does not check; killed, the head's processes and the store go at once."""
     try:
         os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from orchestrator.train import optim_state
 from orchestrator.train.engine import trim_freed_heap
+from orchestrator.train.scratch import scratch_dir
 
 ADAPTER_FLAG = "orchestrator_adapter"
 
@@ -161,7 +161,7 @@ class Checkpointer:
         Synchronous on purpose: "checkpoint saved" means the checkpoint is complete in storage, so a
         failure right after it resumes from it (a background upload lost it in CI; see docs/benchmarks.md)."""
         self.discard()
-        local = Path(tempfile.mkdtemp(prefix=f"orchestrator-step{state.step}-rank{self.rank}-"))
+        local = scratch_dir(f"step{state.step}-rank{self.rank}")
         save_adapter(self.engine.module, local / "adapter", zero3=self.zero3, is_writer=self.rank == 0, export=self.export)
         save_training_state(self.engine, local, self.rank, state)
         trim_freed_heap()

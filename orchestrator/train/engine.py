@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from contextlib import contextmanager
@@ -21,8 +22,9 @@ def prepare_deepspeed(use_gpu: bool) -> None:
     GPU probe and its warning), without building ops that training never calls."""
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with _mlflow_hidden():
+    with _hidden(_MLFLOW):
         import deepspeed.ops
+    _import_muon_uncompiled()
     if use_gpu:
         return
     # DeepSpeed consults this dict before building an op, and keeps edits to it for the process.
@@ -30,20 +32,51 @@ def prepare_deepspeed(use_gpu: bool) -> None:
         deepspeed.ops.__compatible_ops__[op_name] = False
 
 
+# DeepSpeed's autotuner imports MLflow wherever it is installed (1.4 s of each worker's start on 2 cores), to log
+# autotuning, which training never runs; a run's MLflow logging is the driver's.
+_MLFLOW = "mlflow"
+# DeepSpeed's Muon optimizer, which its ZeRO code imports to check the optimizer against it (at initialize, then
+# in every ZeRO-2 gradient reduction). The module wraps its kernels in torch.compile as it is imported, and that
+# imports torch's inductor: 2.5 s of a 2.6 s `deepspeed.initialize` on the tiny model, in every worker of every run.
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
 @contextmanager
-def _mlflow_hidden() -> Iterator[None]:
-    """DeepSpeed's autotuner imports MLflow wherever it is installed (1.4 s of each worker's start on 2 cores) to
-    log autotuning, which training never runs; a run's MLflow logging is the driver's. Hidden only while DeepSpeed
-    imports, so that anything later imports MLflow as usual."""
-    if "mlflow" in sys.modules:
+def _hidden(module: str) -> Iterator[None]:
+    """`import module` raises ImportError while inside (unless it was imported already); restored after, so that
+    anything later imports it as usual."""
+    if module in sys.modules:
         yield
         return
-    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed expects
+    sys.modules[module] = None  # how Python marks a module that is not there: ImportError on import
     try:
         yield
     finally:
-        if sys.modules.get("mlflow", 0) is None:
-            del sys.modules["mlflow"]
+        if module in sys.modules and sys.modules[module] is None:
+            del sys.modules[module]
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon module with its kernels left as plain functions. The module and its classes are
+    DeepSpeed's own (so its `isinstance` checks hold); only the compilation of kernels that the project's
+    optimizers (torch's AdamW and SGD, train/optim.py) never call is skipped."""
+    if _MUON in sys.modules:
+        return
+    import torch
+
+    compile_ = torch.compile
+    torch.compile = _not_compiled
+    try:
+        importlib.import_module(_MUON)
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        torch.compile = compile_
+
+
+def _not_compiled(model=None, **_options):
+    """torch.compile's two forms (`@torch.compile`, `@torch.compile(...)`), compiling nothing."""
+    return model if model is not None else (lambda function: function)
 
 
 def build_engine(model, optimizer, spec: JobSpec, lr_scheduler=None, ds_config: dict[str, Any] | None = None):

@@ -20,7 +20,7 @@ from orchestrator.errors import first_line
 from orchestrator.adapters.registry import peft_export
 from orchestrator.spec import JobSpec
 from orchestrator.train import data as data_lib
-from orchestrator.train import faults, storage_io
+from orchestrator.train import faults, scratch, storage_io
 from orchestrator.train.checkpoint import Checkpointer, TrainerState
 from orchestrator.train.control import SchedulerGate, StepBoundary
 from orchestrator.train.engine import build_engine, prepare_deepspeed, trim_freed_heap
@@ -118,6 +118,7 @@ def set_up(config: dict[str, Any]) -> Worker:
     rank, world = context.get_world_rank(), context.get_world_size()
     batch_size, grad_accum, ds_config = split_for_world(spec, config, world)
     run = storage_io.RunStorage.open(config)
+    scratch.remove_orphans()  # the local copies that workers killed on this machine left behind
     progress = config.get("progress") if rank == 0 else None
 
     model_path, data_path, eval_data_path = node_local_paths(spec, config)

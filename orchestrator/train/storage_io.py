@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from orchestrator.storage.manifest import (
     verify_local_copy, write_manifest,
 )
 from orchestrator.train.checkpoint import load_training_state
+from orchestrator.train.scratch import scratch_dir
 
 
 def _broadcast(value: Any) -> Any:
@@ -48,7 +48,7 @@ class RunStorage:
         candidates = _broadcast(self.layout.complete_checkpoints() if rank == 0 else None)
         for step in candidates:
             remote = self.layout.checkpoint(step)
-            local = Path(tempfile.mkdtemp(prefix=f"orchestrator-resume-rank{rank}-"))
+            local = scratch_dir(f"resume-rank{rank}")
             try:
                 self.storage.download_dir(remote, local)
                 manifest = read_manifest(self.storage, remote)
@@ -112,10 +112,13 @@ class RunStorage:
         """
         from safetensors.torch import save
 
-        with tempfile.TemporaryDirectory(prefix="orchestrator-final-") as scratch:
-            adapter = self._final_adapter(last_checkpoint, final_step, Path(scratch))
+        scratch = scratch_dir("final")
+        try:
+            adapter = self._final_adapter(last_checkpoint, final_step, scratch)
             self.storage.upload_dir(adapter, self.layout.adapter_dir)
             files = {f"adapter/{n}": d for n, d in hash_local_dir(adapter).items()}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         probe_bytes = save(probe)
         self.storage.write_bytes(self.layout.file("probe_logits.safetensors"), probe_bytes)
         files["probe_logits.safetensors"] = sha256_bytes(probe_bytes)
