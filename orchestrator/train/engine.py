@@ -59,7 +59,7 @@ def _hidden(module: str) -> Iterator[None]:
 def _import_muon_uncompiled() -> None:
     """Import DeepSpeed's Muon module with its kernels left as plain functions. The module and its classes are
     DeepSpeed's own (so its `isinstance` checks hold); only the compilation of kernels that the project's
-    optimizers (torch's AdamW and SGD, train/optim.py) never call is skipped."""
+    optimizer (torch's AdamW, train/optim.py) never calls is skipped."""
     if _MUON in sys.modules:
         return
     import torch
