@@ -27,3 +27,15 @@ def test_only_the_folders_of_exited_processes_are_removed(tmp_path, monkeypatch)
     assert scratch.remove_orphans() == [gone]
     assert not gone.exists() and mine.is_dir() and parent.is_dir() and unrelated.is_dir()
     assert scratch.remove_orphans() == []
+
+
+def test_a_scratch_folder_goes_when_its_block_ends_even_by_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(scratch.tempfile, "tempdir", None)
+    try:
+        with scratch.scratch_folder("resume-rank0") as folder:
+            (folder / "optimizer").mkdir()
+            raise RuntimeError("a torn download")
+    except RuntimeError:
+        pass
+    assert folder.name.startswith(f"orchestrator-pid{os.getpid()}-resume-rank0-") and not folder.exists()

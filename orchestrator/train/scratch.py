@@ -12,7 +12,9 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 _PREFIX = "orchestrator-pid"
 _OWNER = re.compile(rf"^{_PREFIX}(\d+)-")
@@ -21,6 +23,16 @@ _OWNER = re.compile(rf"^{_PREFIX}(\d+)-")
 def scratch_dir(purpose: str) -> Path:
     """A new folder in the temporary folder, owned by this process; `purpose` names it (e.g. `step10-rank0`)."""
     return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-{purpose}-"))
+
+
+@contextmanager
+def scratch_folder(purpose: str) -> Iterator[Path]:
+    """A scratch folder (as `scratch_dir`) that is removed when the block ends, however it ends."""
+    folder = scratch_dir(purpose)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_orphans(root: str | Path | None = None) -> list[Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from orchestrator.storage.manifest import (
     verify_local_copy, write_manifest,
 )
 from orchestrator.train.checkpoint import load_training_state
-from orchestrator.train.scratch import scratch_dir
+from orchestrator.train.scratch import scratch_folder
 
 
 def _broadcast(value: Any) -> Any:
@@ -48,8 +47,7 @@ class RunStorage:
         candidates = _broadcast(self.layout.complete_checkpoints() if rank == 0 else None)
         for step in candidates:
             remote = self.layout.checkpoint(step)
-            local = scratch_dir(f"resume-rank{rank}")
-            try:
+            with scratch_folder(f"resume-rank{rank}") as local:
                 self.storage.download_dir(remote, local)
                 manifest = read_manifest(self.storage, remote)
                 intact = manifest is not None and not verify_local_copy(local, manifest)
@@ -57,8 +55,6 @@ class RunStorage:
                 if _all_ranks_agree(intact):
                     state = load_training_state(engine, local, rank)
                     return state.step, [m for m in self.read_metrics() if m["step"] <= state.step]
-            finally:
-                shutil.rmtree(local, ignore_errors=True)
         return 0, []
 
     def read_metrics(self) -> list[dict]:
@@ -112,13 +108,10 @@ class RunStorage:
         """
         from safetensors.torch import save
 
-        scratch = scratch_dir("final")
-        try:
+        with scratch_folder("final") as scratch:
             adapter = self._final_adapter(last_checkpoint, final_step, scratch)
             self.storage.upload_dir(adapter, self.layout.adapter_dir)
             files = {f"adapter/{n}": d for n, d in hash_local_dir(adapter).items()}
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
         probe_bytes = save(probe)
         self.storage.write_bytes(self.layout.file("probe_logits.safetensors"), probe_bytes)
         files["probe_logits.safetensors"] = sha256_bytes(probe_bytes)
