@@ -3,6 +3,7 @@ notice. (Two ranks agreeing, a real Ctrl-C and a real spot notice: tests/test_fa
 
 from __future__ import annotations
 
+from orchestrator.launch.stopping import StopRequest
 from orchestrator.train import control
 
 
@@ -22,6 +23,15 @@ def test_outside_ray_train_no_notice_is_seen():
     assert control._preemption_noticed() is False
 
 
+def test_the_stop_requests_process_imports_no_torch():
+    # Its actor process imports the class's module on every run's way to the first step: torch would take 2.7 s.
+    import subprocess
+    import sys
+
+    probe = "import sys, orchestrator.launch.stopping; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 
 def test_rank_zero_hears_a_stop_at_once_while_asking_the_driver_rarely(ray_session):
     """The watch is a long poll of the driver's actor: one call per WAIT_S, answered as soon as a stop is asked
@@ -30,7 +40,7 @@ def test_rank_zero_hears_a_stop_at_once_while_asking_the_driver_rarely(ray_sessi
 
     import ray
 
-    class CountingStopRequest(control.StopRequest):  # defined here: Ray sends it to the actor by value
+    class CountingStopRequest(StopRequest):  # defined here: Ray sends it to the actor by value
         def __init__(self) -> None:
             super().__init__()
             self.reads = 0

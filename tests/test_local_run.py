@@ -24,6 +24,7 @@ def test_zero2_run_trains_only_the_adapter_and_stores_everything(ray_session, s3
                                                                   torch_extensions_dir):
     result = orchestrator.run(make_spec(s3_storage_uri), run_id="zero2", echo=print)
     assert_no_op_was_built(torch_extensions_dir)
+    _assert_only_the_actors_a_run_needs()
     summary = result.summary
     assert summary["status"] == "complete" and summary["steps"] == 12
     base_checksum = frozen_weights_checksum(_load_base(tiny_llama_path))
@@ -59,6 +60,16 @@ def test_zero2_run_trains_only_the_adapter_and_stores_everything(ray_session, s3
     # Starting it once more with nothing left to do changes nothing.
     again = orchestrator.run(make_spec(s3_storage_uri, train={"max_steps": 18}), run_id="zero2", echo=print)
     assert again.summary == resumed.summary
+
+
+def _assert_only_the_actors_a_run_needs() -> None:
+    """Every actor is a process that imports Ray (and its class's module) on the way to the first step: no Ray Data
+    manager, as a run passes no Ray Dataset (tests/test_control.py: the stop request's process imports no torch)."""
+    from ray.util.state import list_actors
+
+    classes = {actor.class_name for actor in list_actors(limit=10_000)}
+    assert "RayTrainWorker" in classes and "StopRequest" in classes, classes
+    assert "DatasetManager" not in classes, "a run started Ray Train's dataset manager"
 
 
 def _load_base(model_path: str):

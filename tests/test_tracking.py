@@ -186,7 +186,7 @@ def test_a_real_search_logs_every_trial_to_mlflow(ray_session, s3_storage_uri, m
     spec = tracked(
         s3_storage_uri, mlflow_uri,
         train={"max_steps": 12, "batch_size": 8, "eval_every": 6, "eval_batches": 1, "checkpoint_every": 6, "log_every": 6},
-        scaling={"num_workers": 1},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.5},  # both trials at once on the tests' 2 CPUs
         tune={"name": "tracked", "num_samples": 1, "space": {"adapter.r": {"grid": [4, 8]}}, "scheduler": {"type": "fifo"}},
     )
     result = orchestrator.tune(spec, echo=print)

@@ -134,7 +134,8 @@ def _stored_jsonl(storage, path: str) -> list[dict]:
 @pytest.mark.slow
 def test_local_search_with_asha_leaderboard_plot_best_adapter_resume_and_trial_export(ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path):
     spec = make_spec(
-        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},
+        # Half a CPU per worker: two trials train at once on the tests' 2 CPUs.
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
         train={"max_steps": 30, "eval_every": 10, "eval_batches": 1, "checkpoint_every": 10, "log_every": 10, "max_failures": 0},
         # A grid runs in a fixed order, so a poor trial (lr 1e-5) always meets a better one at ASHA's rungs.
         tune={"name": "asha", "num_samples": 1,
@@ -364,8 +365,9 @@ def test_hyperband_is_rays_synchronous_hyperband_over_the_step():
 @pytest.mark.slow
 def test_sha_pauses_every_trial_at_each_rung_and_continues_exactly_the_best_from_their_own_checkpoints(ray_session, s3_storage_uri):
     spec = make_spec(
-        # One trial trains at a time. No checkpoint_every: sha's trials checkpoint at its rungs.
-        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},
+        # Half a CPU per worker: two trials train at once on the tests' 2 CPUs. No checkpoint_every: sha's trials
+        # checkpoint at its rungs.
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
         train={"max_steps": 20, "eval_every": 5, "eval_batches": 1, "checkpoint_every": 0, "log_every": 5, "max_failures": 0},
         tune={"name": "sha", "num_samples": 1, "seed": 0, "search": "grid",
               "space": {"optim.lr": {"choice": [1e-5, 5e-3, 1e-3, 1e-4]}}, "scheduler": {"reduction_factor": 2}},
@@ -384,8 +386,8 @@ def test_sha_pauses_every_trial_at_each_rung_and_continues_exactly_the_best_from
         reached = [row["trial"] for row in rows if row["steps"] >= rung]
         went_on = {row["trial"] for row in rows if row["steps"] > rung}
         assert went_on == set(sorted(reached, key=lambda trial: eval_at[trial][rung])[:keep]), (rung, eval_at)
-    # One trial trains at a time, so at least one of the two that went past step 5 was paused there (only the last
-    # to arrive is not) and went on from its own step-5 checkpoint.
+    # Every trial that reaches a rung before the rung is complete pauses there (only the last to arrive does not), so
+    # at least one of the two that went past step 5 was paused and went on from its own step-5 checkpoint.
     resumed = {row["trial"]: {e["resumed_from_step"] for e in _stored_jsonl(storage, f"{trials}/{row['trial']}/reported.jsonl")}
                for row in rows}
     assert any(5 in resumed[row["trial"]] for row in rows if row["steps"] > 5), resumed

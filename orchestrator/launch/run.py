@@ -206,11 +206,10 @@ def scaling_config(spec: JobSpec):
 def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callbacks: tuple = ()):
     """One TorchTrainer for one run (or one search trial); Ray Train keeps its state under checkpoints/."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     from orchestrator.train.loop import train_loop
 
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop,
         train_loop_config=config,
         scaling_config=scaling_config(spec),
@@ -225,6 +224,27 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
             callbacks=list(callbacks),
         ),
     )
+
+
+def _trainer_class():
+    """Ray's TorchTrainer, less the dataset manager it starts for every run whether or not it has Ray Datasets: an
+    actor process that imports Ray Data, on the path to the first step of every run and every search trial. The
+    workers read their data themselves (train/data.py), so a run passes no Ray Dataset and needs none."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+    except ImportError:  # another Ray: its trainer as it is
+        return TorchTrainer
+
+    class RunTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+
+    return RunTrainer
 
 
 def fit_off_the_main_thread(trainer) -> None:

@@ -1,7 +1,7 @@
 """Stopping a run without losing a step, and keeping the work of a node that is about to go.
 
 The driver asks for a stop (first Ctrl-C or SIGTERM to `orchestrator run`, or `orchestrator stop` of a submitted
-job, which SIGTERMs its entrypoint) through a `StopRequest` actor; rank 0 watches it from a thread. Ray Train marks
+job, which SIGTERMs its entrypoint) through a `StopRequest` actor (launch/stopping.py); rank 0 watches it from a thread. Ray Train marks
 every worker of a node about to be preempted (a spot notice, a drain: its preemption watcher). At every step
 boundary the ranks agree on both at once (one tiny all-reduce on a CPU group, so a GPU run does not wait on its
 device). A stop: they checkpoint that step and return, and the driver exits with code 3. A preemption: they
@@ -12,7 +12,6 @@ call; the worker's mark is read here and agreed with the stop flag instead.)
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any, Optional
 
@@ -22,31 +21,6 @@ import torch.distributed as dist
 # Rank 0 asks the driver's actor once per this many seconds, and the answer comes at once when a stop is asked
 # (a long poll): polled every 0.5 s instead, the RPCs took about 2% of the worker's time on 2 cores.
 WAIT_S = 30.0
-
-
-class StopRequest:
-    """Driver side: a Ray actor (num_cpus=0, asynchronous) the workers read."""
-
-    def __init__(self) -> None:
-        self._asked: Optional[asyncio.Event] = None  # made in the actor's event loop, at its first call
-
-    def _event(self) -> asyncio.Event:
-        if self._asked is None:
-            self._asked = asyncio.Event()
-        return self._asked
-
-    async def ask(self) -> None:
-        self._event().set()
-
-    async def asked(self, wait_s: float = 0.0) -> bool:
-        """Whether a stop was asked, waiting up to `wait_s` seconds for one."""
-        event = self._event()
-        if not event.is_set() and wait_s > 0:
-            try:
-                await asyncio.wait_for(event.wait(), wait_s)
-            except asyncio.TimeoutError:
-                pass
-        return event.is_set()
 
 
 class StepBoundary:
