@@ -134,8 +134,8 @@ def _stored_jsonl(storage, path: str) -> list[dict]:
 @pytest.mark.slow
 def test_local_search_with_asha_leaderboard_plot_best_adapter_resume_and_trial_export(ray_session, s3_storage_uri, tiny_llama_path, faults_file, tmp_path):
     spec = make_spec(
-        # Half a CPU per worker: two trials train at once on the tests' 2 CPUs.
-        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+        # One trial at a time: the fault below must meet the first trial past ASHA's first rung.
+        s3_storage_uri, name="s", data={"max_length": 24}, scaling={"num_workers": 1},
         train={"max_steps": 30, "eval_every": 10, "eval_batches": 1, "checkpoint_every": 10, "log_every": 10, "max_failures": 0},
         # A grid runs in a fixed order, so a poor trial (lr 1e-5) always meets a better one at ASHA's rungs.
         tune={"name": "asha", "num_samples": 1,
