@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 from dataclasses import dataclass, field
@@ -226,6 +227,7 @@ def build_trainer(spec: JobSpec, config: dict, layout: RunLayout, storage, callb
     )
 
 
+@functools.cache
 def _trainer_class():
     """Ray's TorchTrainer, less the dataset manager it starts for every run whether or not it has Ray Datasets: an
     actor process that imports Ray Data, on the path to the first step of every run and every search trial. The
