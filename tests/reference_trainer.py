@@ -1,6 +1,7 @@
 """A plain-PyTorch replay of a 2-worker run with the independent references of tests/references.py: the
 same batches each rank saw (the project's data pipeline and sample schedule, which are not adapter math),
-each rank's RNG stream, gradients averaged over ranks and accumulation, clipping, a constant rate.
+each rank's RNG stream, gradients averaged over ranks and accumulation, clipping, the rate schedule
+(transformers' `get_scheduler`, as the spec names it).
 
 Only the initial adapter values and the RNG position come from building the project's model once with the
 run's seed (as a worker does): the method's forward, optimizer groups, projection and W update are PEFT's
@@ -24,8 +25,9 @@ def replay(spec: JobSpec, model_path: str, data_path: str) -> torch.nn.Module:
     """The reference model after `spec.train.max_steps` steps."""
     from transformers import AutoModelForCausalLM
 
+    from transformers import get_scheduler
+
     train, optim = spec.train, spec.optim.model_dump()
-    assert spec.optim.scheduler == "constant" and spec.optim.warmup_steps == 0, "the replay runs a constant rate"
     world = spec.scaling.num_workers
     torch.manual_seed(train.seed)
     tokenizer = load_tokenizer(model_path, spec.model.trust_remote_code)
@@ -44,6 +46,19 @@ def replay(spec: JobSpec, model_path: str, data_path: str) -> torch.nn.Module:
          for micro in range(train.grad_accum) for rank in range(world)]
         for step in range(train.max_steps)
     ]
-    train_reference(model, reference_optimizer(model, adapter, optim), batches, spec.optim.grad_clip, delta,
-                    rng_streams=[worker_rng.clone() for _ in range(world)])
+    optimizer = reference_optimizer(model, adapter, optim)
+    schedule = get_scheduler(spec.optim.scheduler, optimizer=optimizer, num_warmup_steps=spec.optim.warmup_steps,
+                             num_training_steps=train.max_steps)
+    train_reference(model, optimizer, batches, spec.optim.grad_clip, delta,
+                    rng_streams=[worker_rng.clone() for _ in range(world)], schedule=schedule)
     return model.eval()
+
+
+def replayed_adapter(spec: JobSpec) -> dict[str, torch.Tensor]:
+    """The adapter (PEFT's state dict, as a run stores it) of the replay of `spec` on its own model and data: the
+    reference of a run that never stopped, never changed its worker count and never lost a node, computed in this
+    process instead of by another run."""
+    from orchestrator.builtin.models import resolve_model_path
+
+    model = replay(spec, resolve_model_path(spec.model.path), resolve_data_path(spec.data.path))
+    return {name: value.detach().clone() for name, value in get_peft_model_state_dict(model).items()}

@@ -113,10 +113,11 @@ class ExplicitDeltaLora:
 
 
 def train_reference(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[list[dict]], grad_clip: float,
-                    delta: ExplicitDeltaLora | None = None, rng_streams: list[torch.Tensor] | None = None) -> list[float]:
+                    delta: ExplicitDeltaLora | None = None, rng_streams: list[torch.Tensor] | None = None,
+                    schedule=None) -> list[float]:
     """Plain PyTorch: each step averages the loss over its micro-batches (ordered accumulation-major, rank
-    minor), clips, steps; returns the mean loss of every step. `rng_streams`: one torch RNG state per
-    rank, so that dropout draws what each worker drew."""
+    minor), clips, steps (and the rate `schedule`, if any); returns the mean loss of every step. `rng_streams`:
+    one torch RNG state per rank, so that dropout draws what each worker drew."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses = []
     model.train()
@@ -136,6 +137,8 @@ def train_reference(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
             delta.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step()
         if delta is not None:
             delta.after_optimizer_step(t)
         losses.append(total)

@@ -2,7 +2,8 @@
 whose workers sit on three nodes with nothing node-local shared, and one node preempted mid-run: a spot notice
 (`ray drain-node`), then the node removed. The group checkpoints when the notice comes, the run finishes on the
 two nodes left without losing a step, and its adapter is the one its steps make: equal, within the reduction-order
-tolerance, to a run on two workers that never lost one (same global batch, same micro-batches)."""
+tolerance, to the independent replay of the same global batches on two workers that never lost one
+(tests/reference_trainer.py; measured against such a run on Ray: 6.6e-7)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orchestrator
 import pytest
 import torch
 from safetensors.torch import load
@@ -22,6 +22,7 @@ from orchestrator.storage.fs import open_storage
 from orchestrator.storage.layout import RunLayout
 from orchestrator.train.faults import schedule_fault
 from tests.helpers import REPO, TEST_BUCKET, make_spec
+from tests.reference_trainer import replayed_adapter
 
 pytestmark = pytest.mark.slow
 JOB = "multinode"
@@ -67,8 +68,8 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_rest(ray_session, fault
     assert any("restarting from checkpoint step 5" in line for line in lines), lines[-20:]
     assert summary["base_unchanged"]
 
-    orchestrator.run(spec(2, 3), local=False, run_id="two-workers", echo=print)
-    got, want = adapter("elastic"), adapter("two-workers")
+    got, want = adapter("elastic"), replayed_adapter(spec(2, 3))
+    assert got.keys() == want.keys()
     gap = max((got[name] - want[name]).abs().max().item() for name in want)
-    print(f"elastic 3 → 2 workers after step 5: adapter gap to a 2-worker run {gap:.3g}")
+    print(f"elastic 3 → 2 workers after step 5: adapter gap to the 2-worker replay {gap:.3g}")
     assert gap <= TOLERANCE

@@ -1,6 +1,8 @@
 """docs/quickstart.md, executed: every ```bash block, in order, in one shell (set -e), as a newcomer
 would type it. Isolation only: HOME and Ray's temp root are fresh, and the head's ports are free
-ones (the session's own Ray holds the defaults)."""
+ones (the session's own Ray holds the defaults). Its first run is also the user's path for `export`: a
+local run with no storage (its own Ray and SeaweedFS server), exported as an adapter and merged, and
+exports that cannot be made exit 2 and write nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,7 +65,35 @@ def test_every_quickstart_command_runs(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     output = log.read_text()
     assert shell.returncode == 0, output[-4000:]
+    assert "model ready: trainable" in output and "step    100/100 | loss" in output and "ETA" in output
     assert "final adapter: s3://orchestrator/runs/local-smoke/first/adapter" in output
-    assert (home / "adapters" / "first" / "adapter_model.safetensors").exists()
+    assert list((home / ".cache" / "orchestrator" / "store").rglob("*")), "the store keeps its data where the user finds it"
+    assert "merged model checked against the trained model's logits" in output
     assert re.search(r"cluster-local-run-\S+: SUCCEEDED", output), output[-3000:]
     assert "local-search" in output and "best" in output.lower()
+    _assert_merged_model_is_base_plus_adapter(home, home / "models" / "first", home / "adapters" / "first")
+
+    def export(*args):
+        return subprocess.run([sys.executable, "-m", "orchestrator", "export", *args], capture_output=True, text=True,
+                              env={**env, "RAY_TMPDIR": tempfile.gettempdir()}, timeout=600, cwd=REPO)
+
+    run_uri = "s3://orchestrator/runs/local-smoke/first"
+    missing = export("s3://orchestrator/runs/local-smoke/no-such-run", "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no complete run there" in missing.stderr
+    assert not (tmp_path / "x").exists()
+    taken = export(run_uri, "--out", str(home / "adapters" / "first"))
+    assert taken.returncode == 2 and "already exists and is not an empty directory" in taken.stderr
+
+
+def _assert_merged_model_is_base_plus_adapter(home: Path, merged: Path, adapter: Path) -> None:
+    """Both exports load with stock transformers / PEFT alone and give the same logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = next((home / ".cache" / "orchestrator" / "models").glob("tiny-llama*"))  # what the user's run built
+    ids = torch.arange(3, 20)[None]
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    full = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
