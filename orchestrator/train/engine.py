@@ -102,12 +102,14 @@ def return_freed_tensors_to_the_system(zero3: bool) -> None:
     model grew to 4× the model's bytes per worker, and a ZeRO-2 run at 16 × 512 tokens held 2.7× what its
     activations need. Fixed, the threshold maps every larger tensor on its own and unmaps it when freed; each
     such tensor is then mapped and zeroed afresh, which costs time on small ones (at 1 MB the throughput bench's
-    steps took twice as long). So: 128 KB under ZeRO-3, whose gathered weights are the model; 4 MB otherwise,
+    steps took twice as long). So: 32 KB under ZeRO-3, whose gathered weights are the model and whose adapter
+    gradients (a few to a hundred KB each, every step) otherwise fragment the loop thread's heap (the 300M
+    memory bench's worker peaked 27 MB lower than with 128 KB; 16 and 8 KB gained nothing more); 4 MB otherwise,
     above the per-step tensors of small batches. Not glibc (macOS, musl): nothing to do."""
     libc = _glibc()
     if libc is None:
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10 if zero3 else 4 << 20)
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 10 if zero3 else 4 << 20)
     if not zero3:
         # Ray Train runs the loop in a thread of its own, whose glibc arena hands every freed heap back to the
         # system as soon as it is free and faults it in again on the next step (about 100,000 page faults a step
