@@ -23,9 +23,7 @@ from tests.references import ExplicitDeltaLora, copy_initial_adapter, reference_
 
 def replay(spec: JobSpec, model_path: str, data_path: str) -> torch.nn.Module:
     """The reference model after `spec.train.max_steps` steps."""
-    from transformers import AutoModelForCausalLM
-
-    from transformers import get_scheduler
+    from transformers import AutoModelForCausalLM, get_scheduler
 
     train, optim = spec.train, spec.optim.model_dump()
     world = spec.scaling.num_workers
@@ -61,4 +59,4 @@ def replayed_adapter(spec: JobSpec) -> dict[str, torch.Tensor]:
     from orchestrator.builtin.models import resolve_model_path
 
     model = replay(spec, resolve_model_path(spec.model.path), resolve_data_path(spec.data.path))
-    return {name: value.detach().clone() for name, value in get_peft_model_state_dict(model).items()}
+    return dict(get_peft_model_state_dict(model))

@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO
-from tests.ray_head import free_ports
+from tests.ray_head import free_ports, stop_group
 
 pytestmark = pytest.mark.slow
 QUICKSTART = REPO / "docs" / "quickstart.md"
@@ -36,20 +34,6 @@ BAD_EXPORTS = """
 orchestrator export s3://orchestrator/runs/local-smoke/no-such-run --out ~/x 2> ~/missing.err && exit 90 || echo "missing run export: exit $?"
 orchestrator export s3://orchestrator/runs/local-smoke/first --out ~/adapters/first 2> ~/taken.err && exit 91 || echo "taken directory export: exit $?"
 """
-
-
-def stop_group(pgid: int, grace_s: float = 8) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after `grace_s`. A graceful stop of `ray start --block`
-    took 20-36 s, which the test does not check; killed, the head's processes and the store go at once."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            time.sleep(1)
-            os.killpg(pgid, 0)
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def test_every_quickstart_command_runs(tmp_path):
