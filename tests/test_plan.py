@@ -189,3 +189,17 @@ def test_gradient_bucket_holds_a_workers_share_of_the_adapter_where_zero_partiti
     spec = make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": stage}, scaling={"num_workers": workers})
     assert deepspeed_config(spec, trainable_parameters=1_000_001)["zero_optimization"]["reduce_bucket_size"] == expected
     assert deepspeed_config(spec, trainable_parameters=4 * 10**9)["zero_optimization"]["reduce_bucket_size"] <= 500_000_000
+
+
+@pytest.mark.parametrize("stage, expected", [(1, 1_000_001), (2, 125_001), (3, 125_001)])
+def test_gradient_bucket_holds_one_decoder_layers_adapter_gradients_at_most(stage, expected):
+    # Backward produces gradients a layer at a time: with the model's config (8 layers), ZeRO-2 and 3 reduce each
+    # layer's as it ends instead of holding a worker's share (500,001 on 2 workers) until it fills.
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, vocab_size=100)
+    spec = make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": stage}, scaling={"num_workers": 2})
+    assert deepspeed_config(spec, config, trainable_parameters=1_000_001)["zero_optimization"]["reduce_bucket_size"] == expected
+    many_workers = make_spec(base=MINIMAL_SPEC, deepspeed={"zero_stage": stage}, scaling={"num_workers": 16})
+    assert deepspeed_config(many_workers, config, 1_000_001)["zero_optimization"]["reduce_bucket_size"] == (
+        62_501 if stage >= 2 else 1_000_001)  # a worker's share, where it is the smaller
