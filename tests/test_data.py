@@ -121,25 +121,28 @@ import json, sys
 from orchestrator.builtin.models import build_tokenizer
 from orchestrator.spec import DataSpec
 from orchestrator.train.data import read_rows, tokenize_records
+from orchestrator.train.model import load_tokenizer
 path, max_length = sys.argv[1], int(sys.argv[2])
-spec, tokenizer = DataSpec(path=path, max_length=max_length), build_tokenizer()
+spec = DataSpec(path=path, max_length=max_length)
+tokenizer = load_tokenizer(sys.argv[3]) if len(sys.argv) > 3 else build_tokenizer()
 examples = tokenize_records(read_rows(path, spec, "data.path", tokenizer), tokenizer, spec)
 print(json.dumps({"cache": examples.cache_files[0]["filename"], "first": examples[0]["input_ids"]}))
 """
 
 
-def _tokenize_in_a_fresh_process(path: str, max_length: int, cache_dir) -> dict:
+def _tokenize_in_a_fresh_process(path: str, max_length: int, cache_dir, tokenizer_dir=None) -> dict:
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache_dir)}
-    done = subprocess.run([sys.executable, "-c", _TOKENIZE_IN_A_FRESH_PROCESS, path, str(max_length)],
+    done = subprocess.run([sys.executable, "-c", _TOKENIZE_IN_A_FRESH_PROCESS, path, str(max_length),
+                           *([str(tokenizer_dir)] if tokenizer_dir else [])],
                           env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # four fresh Python processes that each load the tokenizer: ~11 s
+@pytest.mark.slow  # five fresh Python processes that each load the tokenizer: ~14 s
 def test_tokenized_data_is_cached_across_processes_and_keyed_by_what_changes_it(tmp_path):
     """A restart, another trial or another worker reads the tokenized data back instead of tokenizing again;
     a different max_length or a rewritten data file must never read a stale cache."""
@@ -151,6 +154,12 @@ def test_tokenized_data_is_cached_across_processes_and_keyed_by_what_changes_it(
     written_at = os.stat(first["cache"]).st_mtime_ns
     again = _tokenize_in_a_fresh_process(path, 512, cache_dir)
     assert again == first and os.stat(first["cache"]).st_mtime_ns == written_at, "the second process re-tokenized"
+    # The same tokenizer saved beside another model (two sizes of one family) reads the same cache.
+    from orchestrator.builtin.models import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "another-model")
+    elsewhere = _tokenize_in_a_fresh_process(path, 512, cache_dir, tmp_path / "another-model")
+    assert elsewhere == first and os.stat(first["cache"]).st_mtime_ns == written_at, "the same tokenizer re-tokenized"
 
     shorter = _tokenize_in_a_fresh_process(path, 6, cache_dir)
     assert shorter["cache"] != first["cache"] and len(shorter["first"]) == 6 < len(first["first"])
@@ -272,3 +281,17 @@ def test_a_hub_layout_directory_reads_its_split_and_subset(tmp_path, tokenizer):
     assert records["prompt"] == [f"hard-test-{i}" for i in range(6)]
     with pytest.raises(PreflightError, match="data.path: cannot read"):
         check_rows(str(tmp_path), DataSpec(path="x", subset="medium"), "data.path", lambda: tokenizer)
+
+
+def test_the_tokenizer_key_is_its_content_not_its_path(tmp_path, tokenizer):
+    from orchestrator.train.data import tokenizer_key
+    from orchestrator.train.model import load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path / "a")
+    tokenizer.save_pretrained(tmp_path / "b")
+    a, b = load_tokenizer(str(tmp_path / "a")), load_tokenizer(str(tmp_path / "b"))
+    assert tokenizer_key(a) == tokenizer_key(b) == tokenizer_key(tokenizer)
+    b.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})  # changes what some texts tokenize to
+    assert tokenizer_key(b) != tokenizer_key(a)
+    a.eos_token = a.convert_ids_to_tokens(a.pad_token_id)  # the id appended to every row
+    assert tokenizer_key(a) != tokenizer_key(load_tokenizer(str(tmp_path / "b")))

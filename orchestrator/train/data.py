@@ -99,7 +99,7 @@ def read_rows(path: str, spec: DataSpec, where: str, tokenizer):
     rule, template = row_rule(source, spec, where, lambda: tokenizer)
     layout = rule.layout
     fingerprint = Hasher.hash([source.fingerprint, layout.format, layout.fields, spec.train_on, spec.bad_rows,
-                               template, tokenizer if template else None, _ROWS_VERSION])
+                               template, tokenizer_key(tokenizer) if template else None, _ROWS_VERSION])
     try:
         return datasets.Dataset.from_generator(lambda: usable_rows(source, rule, spec.bad_rows, where, DataCheck()),
                                                features=_row_features(layout), fingerprint=fingerprint)
@@ -132,13 +132,29 @@ def tokenize_records(records, tokenizer, spec: DataSpec):
     template = chat.template_text(spec.chat_template, tokenizer, tokenizer.name_or_path) if shape == "chat" else None
     fields = {"shape": shape, "train_on": spec.train_on, "max_length": spec.max_length, "template": template}
     # Given explicitly: hashing the function instead makes dill disassemble it onto a Ray worker's stdout.
-    fingerprint = Hasher.hash([records._fingerprint, tokenizer, fields, _TOKENIZE_VERSION])
+    fingerprint = Hasher.hash([records._fingerprint, tokenizer_key(tokenizer), fields, _TOKENIZE_VERSION])
     examples = records.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=records.column_names,
                            features=_tokenized_features(), fn_kwargs={"tokenizer": tokenizer, **fields},
                            new_fingerprint=fingerprint)
     if len(examples) == 0:
         raise PreflightError(f"data.max_length: {spec.max_length} leaves no tokens to train on in any row")
     return examples
+
+
+def tokenizer_key(tokenizer) -> str:
+    """What a tokenizer's token ids depend on, not where it was loaded from: the same tokenizer beside two models (an
+    8B and a 70B of one family, a base and its instruct version) keys the same cached tokens, where the object as
+    pickled differs by its paths. A fast tokenizer is its whole definition (vocabulary, normalizer, pre-tokenizer,
+    post-processor, added tokens) as JSON, with the special tokens and settings the Python side adds; any other is
+    hashed as pickled."""
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash(tokenizer)
+    return Hasher.hash([type(tokenizer).__name__, backend.to_str(), tokenizer.special_tokens_map,
+                        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        getattr(tokenizer, "split_special_tokens", None)])
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, shape: str, train_on: str, max_length: int,
