@@ -295,3 +295,21 @@ def test_the_tokenizer_key_is_its_content_not_its_path(tmp_path, tokenizer):
     assert tokenizer_key(b) != tokenizer_key(a)
     a.eos_token = a.convert_ids_to_tokens(a.pad_token_id)  # the id appended to every row
     assert tokenizer_key(a) != tokenizer_key(load_tokenizer(str(tmp_path / "b")))
+
+
+def test_a_tokenizer_that_cannot_be_serialized_is_keyed_as_pickled():
+    # A custom (Python) pre-tokenizer makes the tokenizers library refuse to serialize; the key falls back to
+    # the object as pickled, which still tells different tokenizers apart.
+    from datasets.fingerprint import Hasher
+
+    from orchestrator.train.data import tokenizer_key
+
+    class Unserializable:
+        def to_str(self):
+            raise Exception("Custom PreTokenizer cannot be serialized")
+
+    class CustomTokenizer:
+        backend_tokenizer = Unserializable()
+        vocab = {"a": 0}
+
+    assert tokenizer_key(CustomTokenizer()) == Hasher.hash(CustomTokenizer())

@@ -150,9 +150,13 @@ def tokenizer_key(tokenizer) -> str:
     from datasets.fingerprint import Hasher
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    try:
+        definition = backend.to_str() if backend is not None else None
+    except Exception:  # a custom (Python) pre-tokenizer or normalizer cannot be serialized
+        definition = None
+    if definition is None:
         return Hasher.hash(tokenizer)
-    return Hasher.hash([type(tokenizer).__name__, backend.to_str(), tokenizer.special_tokens_map,
+    return Hasher.hash([type(tokenizer).__name__, definition, tokenizer.special_tokens_map,
                         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
                         getattr(tokenizer, "split_special_tokens", None)])
 
